@@ -1,0 +1,1 @@
+"""linmoe: Linear-MoE language models in JAX/Flax."""

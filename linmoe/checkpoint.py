@@ -1,0 +1,55 @@
+"""Orbax checkpoints of the train state in <workdir>/checkpoints, plus the run's config.json."""
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from linmoe.config import ConfigError
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves asynchronously; orbax writes to a temporary folder and renames it when complete, so an
+  interrupted save never replaces the last complete checkpoint."""
+  manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+  """Restores `step` (default: the latest) into the structure, dtypes and shardings of
+  `abstract_state`; returns None when the workdir has no checkpoint."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def abstract(state):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes <workdir>/config.json; refuses a workdir whose saved model differs from `config`'s."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    saved = read_config(workdir)
+    if saved.model.to_dict() != config.model.to_dict():
+      changed = sorted(k for k, v in config.model.items() if saved.model.get(k) != v)
+      raise ConfigError(f"config error: workdir {workdir!r} holds a run of another model "
+                        f"(model keys changed: {', '.join(changed)}); use a new workdir")
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    f.write(config.to_json(indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

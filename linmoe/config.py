@@ -1,0 +1,193 @@
+"""The config schema: every key with its default and meaning, and one validation pass.
+
+Config files in `configs/` start from `default_config()` and change what they need; `train.py` applies
+`--config.a.b=value` overrides on top. `validate` runs before anything is compiled and raises a
+`ConfigError` whose one-line message names the key, the bad value and what is allowed.
+"""
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+LSM_NAMES = ("bla", "lightning", "retnet", "gla")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+KERNEL_IMPLS = ("auto", "naive", "chunked")
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message is one line naming the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys a run reads, with defaults for a small CPU model."""
+  c = ml_collections.ConfigDict()
+  c.workdir = "workdirs/default"  # checkpoints, metrics.jsonl, TensorBoard events, config.json
+  c.seed = 0  # parameter init and data order
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0: the tokenizer's vocabulary, padded up to a multiple of 128
+  m.d_model = 128  # residual width
+  m.n_layers = 4  # number of blocks
+  m.n_heads = 4  # heads of every mixer; head dim = d_model // n_heads
+  m.lsm = "gla"  # the linear sequence model of `L` blocks, one of LSM_NAMES
+  m.pattern = "L"  # block pattern repeated to n_layers: L = LSM block, N = softmax attention
+  m.kernel_impl = "auto"  # recurrence implementation, one of KERNEL_IMPLS
+  m.chunk_size = 64  # chunk length of the chunked recurrence
+  m.compute_dtype = "float32"  # activations and matmuls; parameters and recurrent state stay float32
+  m.rope_theta = 10000.0  # rotary base of attention blocks
+  m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 4  # 0 or 1: a dense SwiGLU MLP instead of MoE
+  e.top_k = 2  # experts per token
+  e.d_ff = 256  # hidden width of each expert (or of the dense MLP)
+  e.renormalize = True  # rescale the top-k router weights to sum to 1
+  e.aux_loss_weight = 0.01  # load-balancing loss (Switch/GShard form) weight
+  e.z_loss_weight = 0.001  # router z-loss weight
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 1000  # optimizer steps
+  t.batch_size = 16  # global batch, in sequences
+  t.seq_len = 256  # tokens per sequence
+  t.lr = 3e-3  # peak learning rate
+  t.min_lr_ratio = 0.1  # final learning rate of the cosine decay, relative to lr
+  t.warmup_steps = 50  # linear warmup from 0 to lr
+  t.weight_decay = 0.1  # AdamW decoupled weight decay
+  t.b1 = 0.9  # AdamW beta1
+  t.b2 = 0.95  # AdamW beta2
+  t.grad_clip = 1.0  # global-norm clipping threshold
+  t.log_every = 10  # steps between metric lines
+  t.eval_every = 200  # steps between evaluations (and one at the end)
+  t.eval_batches = 8  # held-out batches per evaluation
+  t.ckpt_every = 200  # steps between checkpoints (and one at the end)
+  t.keep_checkpoints = 3  # how many recent checkpoints to keep
+
+  c.data = d = ml_collections.ConfigDict()
+  d.path = "data/kjv.jsonl.zst"  # file, glob or comma list of .jsonl, .jsonl.zst, .txt
+  d.tokenizer = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
+  d.eval_fraction = 0.02  # share of documents held out for evaluation
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  for axis in MESH_AXES:
+    setattr(ms, axis, 1)  # device mesh axis size; the product must equal the device count
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  num_experts: int
+  top_k: int
+  d_ff: int
+  renormalize: bool
+  aux_loss_weight: float
+  z_loss_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model section as a hashable dataclass (Flax modules and jit static args need that)."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  lsm: str
+  pattern: str
+  kernel_impl: str
+  chunk_size: int
+  compute_dtype: str
+  rope_theta: float
+  norm_eps: float
+  moe: MoEConfig
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def layer_kinds(self) -> str:
+    """The pattern repeated and cut to n_layers, e.g. "LLLN" for 6 layers -> "LLLNLL"."""
+    reps = -(-self.n_layers // len(self.pattern))
+    return (self.pattern * reps)[: self.n_layers]
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
+    fields = {k: v for k, v in model.to_dict().items() if k not in ("moe", "vocab_size")}
+    return cls(vocab_size=vocab_size, moe=MoEConfig(**model.moe.to_dict()), **fields)
+
+
+def padded_vocab_size(model: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
+  """`model.vocab_size` if set (it must hold the tokenizer's ids), else the tokenizer's padded to 128."""
+  if model.vocab_size:
+    if model.vocab_size < tokenizer_vocab:
+      _fail("model.vocab_size", model.vocab_size, f"at least the tokenizer's {tokenizer_vocab} ids, or 0")
+    return model.vocab_size
+  return -(-tokenizer_vocab // 128) * 128
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"config error: {key} = {value!r}: {allowed}")
+
+
+def _check_positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+  for key in keys:
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      _fail(key, value, "must be a positive integer")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
+  value = _get(config, key)
+  if value not in allowed:
+    _fail(key, value, "must be one of " + ", ".join(allowed))
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
+  """Raises ConfigError on the first bad value; checks nothing that needs the data or a compile."""
+  _check_positive(config, (
+      "model.d_model", "model.n_layers", "model.n_heads", "model.chunk_size", "model.moe.d_ff",
+      "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every",
+      "train.eval_batches", "train.ckpt_every", "train.keep_checkpoints",
+      *(f"mesh.{axis}" for axis in MESH_AXES)))
+  m, t = config.model, config.train
+  _check_choice(config, "model.lsm", LSM_NAMES)
+  _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
+  _check_choice(config, "model.kernel_impl", KERNEL_IMPLS)
+  if not m.pattern or set(m.pattern) - {"L", "N"}:
+    _fail("model.pattern", m.pattern, "must be a non-empty string of L (LSM block) and N (attention block)")
+  if m.d_model % m.n_heads:
+    _fail("model.d_model", m.d_model, f"must be divisible by model.n_heads = {m.n_heads}")
+  if m.vocab_size < 0:
+    _fail("model.vocab_size", m.vocab_size, "must be 0 (follow the tokenizer) or positive")
+  if m.moe.num_experts < 0:
+    _fail("model.moe.num_experts", m.moe.num_experts, "must be >= 0 (0 or 1: dense MLP)")
+  if m.moe.num_experts > 1 and not 1 <= m.moe.top_k <= m.moe.num_experts:
+    _fail("model.moe.top_k", m.moe.top_k, f"must be in [1, model.moe.num_experts = {m.moe.num_experts}]")
+  for key in ("model.moe.aux_loss_weight", "model.moe.z_loss_weight", "train.weight_decay",
+              "train.warmup_steps"):
+    if _get(config, key) < 0:
+      _fail(key, _get(config, key), "must be >= 0")
+  if not t.lr > 0:
+    _fail("train.lr", t.lr, "must be > 0")
+  if not 0 <= t.min_lr_ratio <= 1:
+    _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+  if not 0 < config.data.eval_fraction < 1:
+    _fail("data.eval_fraction", config.data.eval_fraction, "must be in (0, 1)")
+  sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+  product = 1
+  for size in sizes.values():
+    product *= size
+  if product != device_count:
+    _fail("mesh", sizes, f"sizes must multiply to the device count {device_count} (they give {product})")
+  for axis in ("expert", "tensor", "sequence"):
+    if sizes[axis] != 1:
+      _fail(f"mesh.{axis}", sizes[axis], "must be 1: only data and fsdp (as data parallel) are implemented")
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  if t.batch_size % batch_shards:
+    _fail("train.batch_size", t.batch_size, f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")

@@ -1,0 +1,59 @@
+"""Token-by-token reference of the decay recurrence (scalar and vector decay share it).
+
+Per head: `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`, with the log decay g_t of
+trailing size 1 (one decay per head, broadcast over key_dim) or key_dim (one per key channel).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from linmoe.kernels import common
+
+
+def decay_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, g_t: jax.Array, state: jax.Array,
+               scale: float) -> tuple[jax.Array, jax.Array]:
+  """One token of the recurrence (the decode step and the body of the reference loop).
+
+  Args:
+    q_t: queries [batch, heads, key_dim].
+    k_t: keys [batch, heads, key_dim].
+    v_t: values [batch, heads, value_dim].
+    g_t: log decay [batch, heads, decay_dim], decay_dim in {1, key_dim}; exp(-inf) = 0 is allowed.
+    state: memory [batch, heads, key_dim, value_dim], fp32.
+    scale: output scale.
+
+  Returns:
+    o_t [batch, heads, value_dim] in v's dtype, and the new fp32 state.
+  """
+  decay = jnp.exp(g_t.astype(common.STATE_DTYPE))[..., None]  # [B, H, Kg, 1]
+  update = jnp.einsum("bhk,bhv->bhkv", k_t, v_t, preferred_element_type=common.STATE_DTYPE)
+  state = decay * state + update
+  o_t = jnp.einsum("bhk,bhkv->bhv", q_t, state, preferred_element_type=common.STATE_DTYPE)
+  return (scale * o_t).astype(v_t.dtype), state
+
+
+def naive_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
+                     initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The reference: `jax.lax.scan` of `decay_step` over tokens.
+
+  Args:
+    q: queries [batch, seq, heads, key_dim].
+    k: keys [batch, seq, heads, key_dim].
+    v: values [batch, seq, heads, value_dim].
+    g: log decay [batch, seq, heads, decay_dim], decay_dim in {1, key_dim}.
+    scale: output scale.
+    initial_state: optional [batch, heads, key_dim, value_dim].
+
+  Returns:
+    o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
+  """
+  batch, _, heads, key_dim = q.shape
+  state = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
+
+  def body(state, token):
+    o_t, state = decay_step(*token, state, scale)
+    return state, o_t
+
+  tokens = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g))  # seq axis first
+  final_state, o = jax.lax.scan(body, state, tokens)
+  return jnp.moveaxis(o, 0, 1), final_state

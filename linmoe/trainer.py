@@ -1,0 +1,140 @@
+"""The trainer: builds data, model, optimizer and mesh from a config and runs the training loop.
+
+`train.py` is a thin CLI over `Trainer(config).train()`. A notebook can drive the same object step
+by step: `state = trainer.init_state(); state, metrics = trainer.step(state, trainer.batch(0))`.
+"""
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from linmoe import checkpoint
+from linmoe.config import ModelConfig, padded_vocab_size, validate
+from linmoe.data import build_data
+from linmoe.metrics import MetricsWriter
+from linmoe.model import LinearMoELM
+from linmoe.optim import learning_rate_schedule, make_optimizer
+from linmoe.parallel.mesh import batch_sharding, make_mesh, replicated
+from linmoe.steps import TrainState, eval_step, train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a non-finite loss or gradient; the message names the step."""
+
+
+def param_count(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+class Trainer:
+  """Everything one training run needs, built and validated from its config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate(config, jax.device_count())
+    self.config = config
+    self.data = build_data(config.data, config.train.seq_len, config.seed)
+    vocab_size = padded_vocab_size(config.model, self.data.tokenizer.vocab_size)
+    self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
+    self.model = LinearMoELM(self.model_cfg)
+    self.mesh = make_mesh(config.mesh)
+    self.tx = make_optimizer(config.train)
+    step_fn = functools.partial(train_step, model=self.model, cfg=self.model_cfg, tx=self.tx,
+                                schedule=learning_rate_schedule(config.train))
+    self._train_step = jax.jit(step_fn, donate_argnums=0)
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model))
+
+  def init_state(self) -> TrainState:
+    """Fresh parameters from config.seed and a fresh optimizer state, replicated over the mesh."""
+    def init(rng):
+      params = self.model.init(rng, jnp.zeros((1, self.model_cfg.chunk_size), jnp.int32))["params"]
+      return TrainState(step=jnp.int32(0), params=params, opt_state=self.tx.init(params),
+                        nonfinite_step=jnp.int32(-1))
+    return jax.jit(init, out_shardings=replicated(self.mesh))(jax.random.key(self.config.seed))
+
+  def batch(self, step: int) -> dict:
+    """The training batch of step `step` (0-based), a pure function of (seed, step), sharded."""
+    batch = self.data.train.batch(step, self.config.train.batch_size)
+    return jax.device_put(batch, batch_sharding(self.mesh))
+
+  def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One jitted optimizer step; `state` is donated."""
+    return self._train_step(state, batch)
+
+  def evaluate(self, params) -> dict:
+    """Held-out loss and perplexity over up to train.eval_batches batches."""
+    loss_sum, tokens = 0.0, 0.0
+    for batch in self.data.eval.eval_batches(self.config.train.batch_size,
+                                             self.config.train.eval_batches):
+      out = self._eval_step(params, jax.device_put(batch, batch_sharding(self.mesh)))
+      loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+    loss = loss_sum / tokens
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+
+  def restore_or_init(self, manager, step: int | None = None) -> TrainState:
+    fresh = self.init_state()
+    restored = checkpoint.restore(manager, checkpoint.abstract(fresh), step)
+    return fresh if restored is None else restored
+
+  def train(self, until: int | None = None) -> TrainState:
+    """Trains to step `until` (default train.steps), resuming from the workdir's last checkpoint.
+
+    Logs every train.log_every steps, evaluates every train.eval_every steps, checkpoints every
+    train.ckpt_every steps; each also happens at the last step. Raises NonFiniteLossError, after
+    waiting for pending saves, when a step's loss or gradient is not finite; no checkpoint is written
+    from that step on.
+    """
+    cfg, workdir = self.config.train, self.config.workdir
+    until = cfg.steps if until is None else min(until, cfg.steps)
+    checkpoint.write_config(workdir, self.config)
+    manager = checkpoint.checkpoint_manager(workdir, cfg.keep_checkpoints)
+    state = self.restore_or_init(manager)
+    start = int(state.step)
+    train, held_out, stats = self.data.train, self.data.eval, self.data.stats
+    print(f"data: {stats.documents} documents from {stats.files} files ({stats.skipped_lines} "
+          f"malformed lines skipped); {train.num_tokens:,} train / {held_out.num_tokens:,} eval tokens")
+    print(f"model: {param_count(state.params):,} parameters, layers {self.model_cfg.layer_kinds} "
+          f"(L = {self.model_cfg.lsm}), {self.model_cfg.moe.num_experts} experts")
+    if start:
+      print(f"resumed from {os.path.join(workdir, 'checkpoints')} at step {start}")
+    writer = MetricsWriter(workdir, until, start)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last_time, last_step = time.perf_counter(), start
+    try:
+      for step in range(start + 1, until + 1):
+        state, metrics = self.step(state, self.batch(step - 1))
+        writer.advance()
+        is_end = step == until
+        log, evaluate, save = (step % every == 0 or is_end for every in (
+            cfg.log_every, cfg.eval_every, cfg.ckpt_every))
+        if not (log or evaluate or save):
+          continue
+        self._check_finite(state, manager)
+        if log:
+          metrics = jax.device_get(metrics)
+          now = time.perf_counter()
+          writer.write(step, {**metrics, "tokens_per_sec": (step - last_step) * tokens_per_step
+                              / (now - last_time)})
+          last_time, last_step = now, step
+        if evaluate:
+          writer.write(step, self.evaluate(state.params))
+          last_time = time.perf_counter()
+        if save:
+          checkpoint.save(manager, step, state)
+    finally:
+      manager.wait_until_finished()
+      writer.close()
+    return state
+
+  def _check_finite(self, state: TrainState, manager) -> None:
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      manager.wait_until_finished()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {bad}; stopped. Parameters were not updated from "
+          f"that step on; the last good checkpoint (step {manager.latest_step()}) is kept in "
+          f"{os.path.join(self.config.workdir, 'checkpoints')}")

@@ -1,0 +1,79 @@
+"""Bad configs stop before any compile with one line naming the key, the value and what is allowed."""
+import pytest
+
+from linmoe.config import (LSM_NAMES, ConfigError, ModelConfig, default_config, padded_vocab_size,
+                           validate)
+from linmoe.layers import LSM_LAYERS
+
+
+def test_default_and_tiny_configs_are_valid():
+  validate(default_config(), device_count=1)
+  from configs.tiny import get_config
+  validate(get_config(), device_count=1)
+
+
+def test_lsm_names_match_the_layer_registry():
+  assert set(LSM_NAMES) == set(LSM_LAYERS)
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("model.lsm", "transformerx", "model.lsm = 'transformerx': must be one of"),
+    ("model.pattern", "LLXN", "model.pattern = 'LLXN'"),
+    ("model.pattern", "", "model.pattern = ''"),
+    ("model.d_model", 130, "model.d_model = 130: must be divisible by model.n_heads = 4"),
+    ("model.n_layers", -2, "model.n_layers = -2: must be a positive integer"),
+    ("model.moe.d_ff", 0, "model.moe.d_ff = 0"),
+    ("model.moe.num_experts", -1, "model.moe.num_experts = -1"),
+    ("model.moe.top_k", 5, "model.moe.top_k = 5: must be in [1, model.moe.num_experts = 4]"),
+    ("model.compute_dtype", "float16", "model.compute_dtype = 'float16'"),
+    ("model.kernel_impl", "cuda", "model.kernel_impl = 'cuda'"),
+    ("train.batch_size", 0, "train.batch_size = 0"),
+    ("train.seq_len", -1, "train.seq_len = -1"),
+    ("train.lr", 0.0, "train.lr = 0.0"),
+    ("train.warmup_steps", -5, "train.warmup_steps = -5"),
+    ("data.eval_fraction", 1.5, "data.eval_fraction = 1.5"),
+    ("mesh.tensor", 2, "mesh"),
+    ("mesh.data", 0, "mesh.data = 0"),
+])
+def test_bad_value_names_key_value_and_allowed(key, value, expect):
+  config = default_config()
+  section, *rest = key.split(".")
+  node = config[section]
+  for part in rest[:-1]:
+    node = node[part]
+  node[rest[-1]] = value
+  with pytest.raises(ConfigError) as info:
+    validate(config, device_count=1)
+  message = str(info.value)
+  assert expect in message and "\n" not in message
+
+
+def test_mesh_product_must_equal_device_count():
+  config = default_config()
+  config.mesh.data = 2
+  with pytest.raises(ConfigError, match="device count 1"):
+    validate(config, device_count=1)
+  validate(config, device_count=2)
+
+
+def test_batch_must_split_over_data_axes():
+  config = default_config()
+  config.mesh.data, config.train.batch_size = 4, 6
+  with pytest.raises(ConfigError, match="train.batch_size = 6"):
+    validate(config, device_count=4)
+
+
+def test_vocab_follows_tokenizer_padded_to_128_unless_set():
+  model = default_config().model
+  assert padded_vocab_size(model, 257) == 384
+  model.vocab_size = 300
+  assert padded_vocab_size(model, 257) == 300
+  model.vocab_size = 100
+  with pytest.raises(ConfigError, match="model.vocab_size = 100"):
+    padded_vocab_size(model, 257)
+
+
+def test_layer_kinds_repeat_pattern_to_depth():
+  model = default_config().model
+  model.pattern, model.n_layers = "LLLN", 6
+  assert ModelConfig.from_config(model, 384).layer_kinds == "LLLNLL"

@@ -22,11 +22,14 @@ class Block(nn.Module):
   cfg: ModelConfig
   kind: str  # "L" (LSM mixer) or "N" (softmax attention)
   layer_idx: int
+  mode: str = "train"  # see linmoe/layers/mixer.py
+  cache_len: int = 0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
     mixer_cls = LSM_LAYERS[self.cfg.lsm] if self.kind == "L" else CausalAttention
-    x = x + mixer_cls(self.cfg, self.layer_idx, name="mixer")(rms_norm(self.cfg, "mixer_norm")(x))
+    mixer = mixer_cls(self.cfg, self.layer_idx, self.mode, self.cache_len, name="mixer")
+    x = x + mixer(rms_norm(self.cfg, "mixer_norm")(x))
     h = rms_norm(self.cfg, "ffn_norm")(x)
     if uses_moe(self.cfg):
       y, aux = MoE(self.cfg, name="moe")(h)
@@ -36,18 +39,22 @@ class Block(nn.Module):
 
 
 class LinearMoELM(nn.Module):
-  """tokens [batch, seq] int32 -> (logits [batch, seq, vocab] float32, aux losses averaged over layers)."""
+  """tokens [batch, seq] int32 -> (logits [batch, seq, vocab] float32, aux losses averaged over layers).
+
+  `mode` and `cache_len` select training, prefill or one-token decoding (linmoe/decode.py).
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+  def __call__(self, tokens: jnp.ndarray, mode: str = "train",
+               cache_len: int = 0) -> tuple[jnp.ndarray, dict]:
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model,
                      embedding_init=nn.initializers.normal(EMBED_INIT_STD), name="embed")
     x = embed(tokens).astype(compute_dtype(cfg))
     aux_per_layer = []
     for i, kind in enumerate(cfg.layer_kinds):
-      x, aux = Block(cfg, kind, i, name=f"block_{i}")(x)
+      x, aux = Block(cfg, kind, i, mode, cache_len, name=f"block_{i}")(x)
       aux_per_layer.append(aux)
     x = rms_norm(cfg, "final_norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg), name="lm_head")(x)

@@ -1,22 +1,42 @@
-"""Causal softmax attention with rotary positions (the `N` blocks of a hybrid pattern)."""
+"""Causal softmax attention with rotary positions (the `N` blocks of a hybrid pattern), with a KV cache."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from linmoe.config import ModelConfig
 from linmoe.layers.common import head_projection, output_projection, rotary
+from linmoe.layers.mixer import Mixer, cache_variable
 
 
-class CausalAttention(nn.Module):
-  """Multi-head causal attention; [batch, seq, d_model] -> [batch, seq, d_model]."""
-  cfg: ModelConfig
-  layer_idx: int
+class CausalAttention(Mixer):
+  """Multi-head causal attention; [batch, seq, d_model] -> [batch, seq, d_model].
+
+  In "prefill" the keys and values go to a cache of `cache_len` positions; in "decode" the token
+  attends to the cached positions before it and its own. Tokens past the cache give NaN outputs.
+  """
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     cfg = self.cfg
-    q = rotary(head_projection(cfg, "q_proj")(x), cfg.rope_theta)  # [B, T, H, Dh]
-    k = rotary(head_projection(cfg, "k_proj")(x), cfg.rope_theta)
+    batch, seq = x.shape[:2]
+    offset = self.position_offset(seq)
+    q = rotary(head_projection(cfg, "q_proj")(x), cfg.rope_theta, offset)  # [B, T, H, Dh]
+    k = rotary(head_projection(cfg, "k_proj")(x), cfg.rope_theta, offset)
     v = head_projection(cfg, "v_proj")(x)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return output_projection(cfg)(o)
+    if self.mode == "train":
+      return output_projection(cfg)(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    if not self.decoding and self.cache_len < seq:
+      raise ValueError(f"cache_len {self.cache_len} cannot hold a prompt of {seq} tokens")
+    empty = lambda: jnp.zeros((batch, self.cache_len, *k.shape[2:]), k.dtype)
+    k_cache = cache_variable(self, self.mode, "keys", empty)
+    v_cache = cache_variable(self, self.mode, "values", empty)
+    k_cache.value = jax.lax.dynamic_update_slice_in_dim(k_cache.value, k, offset, axis=1)
+    v_cache.value = jax.lax.dynamic_update_slice_in_dim(v_cache.value, v, offset, axis=1)
+    capacity = k_cache.value.shape[1]
+    if self.decoding:
+      visible = jnp.arange(capacity) <= offset  # [capacity]
+      o = jax.nn.dot_product_attention(q, k_cache.value, v_cache.value,
+                                       mask=visible[None, None, None, :])
+    else:
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    overflow = offset + seq > capacity  # never a silently wrong answer: NaN past the cache
+    return output_projection(cfg)(jnp.where(overflow, jnp.nan, o))

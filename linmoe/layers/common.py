@@ -29,17 +29,20 @@ def rms_norm(cfg: ModelConfig, name: str) -> nn.RMSNorm:
   return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), name=name)
 
 
-def rotary(x: jnp.ndarray, theta: float) -> jnp.ndarray:
-  """Rotary positions (rotate-half form) for positions 0..seq-1.
+def rotary(x: jnp.ndarray, theta: float, offset: jnp.ndarray | int = 0) -> jnp.ndarray:
+  """Rotary positions (rotate-half form) for positions offset .. offset + seq - 1.
 
   Args:
     x: [batch, seq, heads, dim], dim even.
+    theta: rotary base.
+    offset: position of the first token (a traced scalar when decoding).
   Returns:
     [batch, seq, heads, dim], same dtype.
   """
   dim = x.shape[-1]
   freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)  # [dim/2]
-  angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freqs  # [seq, dim/2]
+  positions = offset + jnp.arange(x.shape[1], dtype=jnp.float32)
+  angles = positions[:, None] * freqs  # [seq, dim/2]
   cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

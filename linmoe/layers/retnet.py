@@ -20,6 +20,6 @@ class Retention(LSMLayer):
 
   def features(self, x):
     q, k, v = self.qkv(x)
-    theta = self.cfg.rope_theta
-    return rotary(q, theta), rotary(k, theta), v, per_head_log_decay(
+    theta, offset = self.cfg.rope_theta, self.position_offset(x.shape[1])
+    return rotary(q, theta, offset), rotary(k, theta, offset), v, per_head_log_decay(
         retnet_log_decay(self.cfg.n_heads), x)

@@ -1,0 +1,32 @@
+"""Causal depthwise short convolution (Mamba, DeltaNet, ...) that carries its left context for decoding."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from linmoe.layers.mixer import cache_variable
+
+
+class ShortConv(nn.Module):
+  """y_t = sum_{i < width} w_i * x_{t - width + 1 + i} per channel; [batch, seq, channels] -> same.
+
+  The left context is zeros in "train" and "prefill", and the last width - 1 inputs (kept in the
+  cache) in "decode". One code path: concatenate context and input, then a valid convolution.
+  """
+  mode: str = "train"
+  width: int = 4
+  activation: bool = True  # SiLU after the convolution
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    batch, seq, channels = x.shape
+    zeros = jnp.zeros((batch, self.width - 1, channels), x.dtype)
+    cache = cache_variable(self, self.mode, "context", lambda: zeros)
+    context = cache.value.astype(x.dtype) if self.mode == "decode" else zeros
+    full = jnp.concatenate([context, x], axis=1)  # [B, width - 1 + seq, C]
+    if cache is not None:
+      cache.value = full[:, seq:]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                        (self.width, channels)).astype(x.dtype)
+    bias = self.param("bias", nn.initializers.zeros, (channels,)).astype(x.dtype)
+    windows = jnp.stack([full[:, i:i + seq] for i in range(self.width)], axis=2)  # [B, T, W, C]
+    y = jnp.einsum("btwc,wc->btc", windows, kernel) + bias
+    return nn.silu(y) if self.activation else y

@@ -9,7 +9,6 @@ from typing import Any
 
 import ml_collections
 
-LSM_NAMES = ("bla", "lightning", "retnet", "gla")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 KERNEL_IMPLS = ("auto", "naive", "chunked")
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
@@ -30,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.d_model = 128  # residual width
   m.n_layers = 4  # number of blocks
   m.n_heads = 4  # heads of every mixer; head dim = d_model // n_heads
-  m.lsm = "gla"  # the linear sequence model of `L` blocks, one of LSM_NAMES
+  m.lsm = "gla"  # the linear sequence model of `L` blocks, a key of linmoe.layers.LSM_LAYERS
   m.pattern = "L"  # block pattern repeated to n_layers: L = LSM block, N = softmax attention
   m.kernel_impl = "auto"  # recurrence implementation, one of KERNEL_IMPLS
   m.chunk_size = 64  # chunk length of the chunked recurrence
@@ -156,7 +155,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
       "train.eval_batches", "train.ckpt_every", "train.keep_checkpoints",
       *(f"mesh.{axis}" for axis in MESH_AXES)))
   m, t = config.model, config.train
-  _check_choice(config, "model.lsm", LSM_NAMES)
+  from linmoe.layers import LSM_LAYERS  # here, not at the top: the layers import this module
+  _check_choice(config, "model.lsm", tuple(LSM_LAYERS))
   _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
   _check_choice(config, "model.kernel_impl", KERNEL_IMPLS)
   if not m.pattern or set(m.pattern) - {"L", "N"}:

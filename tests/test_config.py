@@ -1,19 +1,13 @@
 """Bad configs stop before any compile with one line naming the key, the value and what is allowed."""
 import pytest
 
-from linmoe.config import (LSM_NAMES, ConfigError, ModelConfig, default_config, padded_vocab_size,
-                           validate)
-from linmoe.layers import LSM_LAYERS
+from linmoe.config import ConfigError, ModelConfig, default_config, padded_vocab_size, validate
 
 
 def test_default_and_tiny_configs_are_valid():
   validate(default_config(), device_count=1)
   from configs.tiny import get_config
   validate(get_config(), device_count=1)
-
-
-def test_lsm_names_match_the_layer_registry():
-  assert set(LSM_NAMES) == set(LSM_LAYERS)
 
 
 @pytest.mark.parametrize("key,value,expect", [

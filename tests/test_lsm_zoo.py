@@ -1,4 +1,4 @@
-"""Every LSM instance in the registry, in an `LLLN` hybrid: runs, matches its naive op, decodes
+"""Every LSM instance in the registry, in an `LLLN` hybrid: runs causally, matches its naive op, decodes
 token by token exactly like the parallel forward with a fixed-size state, and trains."""
 import json
 import os
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linmoe.config import LSM_NAMES, ModelConfig
+from linmoe.config import ModelConfig
+from linmoe.layers import LSM_LAYERS
 from linmoe.decode import cache_bytes, decode_step, prefill
 from linmoe.model import LinearMoELM
 from linmoe.trainer import Trainer
@@ -26,13 +27,19 @@ def zoo_config(lsm: str, **overrides) -> ModelConfig:
   return ModelConfig.from_config(m, VOCAB)
 
 
-@pytest.fixture(scope="module", params=LSM_NAMES)
+@pytest.fixture(scope="module", params=tuple(LSM_LAYERS))
 def zoo(request):
   cfg = zoo_config(request.param)
   model = LinearMoELM(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, SEQ), 0, VOCAB)
   params = model.init(jax.random.key(0), tokens)["params"]
-  logits, _ = jax.jit(model.apply)({"params": params}, tokens)
+  forward = jax.jit(model.apply)
+  logits, _ = forward({"params": params}, tokens)
+  # Causality: changing the tokens after position t leaves the logits up to t unchanged.
+  t = 13
+  changed, _ = forward({"params": params}, tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % VOCAB))
+  np.testing.assert_allclose(changed[:, : t + 1], logits[:, : t + 1], atol=1e-5)
+  assert not np.allclose(changed[:, t + 1:], logits[:, t + 1:])
   return request.param, cfg, model, params, tokens, logits
 
 

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from linmoe.config import ConfigError
+from linmoe.config import ConfigError, default_config
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -48,8 +48,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config.json over today's defaults, so keys added since the run take their defaults."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = default_config()
+    config.update(json.load(f))
+    return config

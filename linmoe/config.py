@@ -10,8 +10,11 @@ from typing import Any
 import ml_collections
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-KERNEL_IMPLS = ("auto", "naive", "chunked")
+KERNEL_IMPLS = ("auto", "naive", "chunked", "pallas")
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
+ROUTERS = ("softmax", "sigmoid")
+DISPATCH_MODES = ("dropless", "capacity")
+GMM_IMPLS = ("auto", "ragged_dot", "pallas", "reference")
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,15 @@ def default_config() -> ml_collections.ConfigDict:
   e.num_experts = 4  # 0 or 1: a dense SwiGLU MLP instead of MoE
   e.top_k = 2  # experts per token
   e.d_ff = 256  # hidden width of each expert (or of the dense MLP)
+  e.router = "softmax"  # "softmax" (Mixtral, Qwen2-MoE) or "sigmoid" (DeepSeek-V3) scores, then top-k
   e.renormalize = True  # rescale the top-k router weights to sum to 1
+  e.dispatch = "dropless"  # "dropless" (grouped matmul) or "capacity" (fixed slots per expert)
+  e.capacity_factor_train = 1.25  # capacity mode: slots per expert = factor * token slots / experts
+  e.capacity_factor_eval = 2.0  # the same outside training (eval, decoding)
+  e.num_shared_experts = 0  # experts every token goes through (Qwen2-MoE: 1, DeepSeek: 1-2)
+  e.shared_d_ff = 0  # hidden width of each shared expert; 0 = d_ff
+  e.shared_expert_gate = False  # sigmoid gate on the shared experts' output (Qwen2-MoE)
+  e.gmm_impl = "auto"  # grouped matmul of the dropless mode, one of GMM_IMPLS
   e.aux_loss_weight = 0.01  # load-balancing loss (Switch/GShard form) weight
   e.z_loss_weight = 0.001  # router z-loss weight
 
@@ -77,9 +88,21 @@ class MoEConfig:
   num_experts: int
   top_k: int
   d_ff: int
+  router: str
   renormalize: bool
+  dispatch: str
+  capacity_factor_train: float
+  capacity_factor_eval: float
+  num_shared_experts: int
+  shared_d_ff: int
+  shared_expert_gate: bool
+  gmm_impl: str
   aux_loss_weight: float
   z_loss_weight: float
+
+  def __post_init__(self):
+    if not self.shared_d_ff:
+      object.__setattr__(self, "shared_d_ff", self.d_ff)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +182,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _check_choice(config, "model.lsm", tuple(LSM_LAYERS))
   _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
   _check_choice(config, "model.kernel_impl", KERNEL_IMPLS)
+  _check_choice(config, "model.moe.router", ROUTERS)
+  _check_choice(config, "model.moe.dispatch", DISPATCH_MODES)
+  _check_choice(config, "model.moe.gmm_impl", GMM_IMPLS)
   if not m.pattern or set(m.pattern) - {"L", "N"}:
     _fail("model.pattern", m.pattern, "must be a non-empty string of L (LSM block) and N (attention block)")
   if m.d_model % m.n_heads:
@@ -169,8 +195,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     _fail("model.moe.num_experts", m.moe.num_experts, "must be >= 0 (0 or 1: dense MLP)")
   if m.moe.num_experts > 1 and not 1 <= m.moe.top_k <= m.moe.num_experts:
     _fail("model.moe.top_k", m.moe.top_k, f"must be in [1, model.moe.num_experts = {m.moe.num_experts}]")
+  for key in ("model.moe.capacity_factor_train", "model.moe.capacity_factor_eval"):
+    if not _get(config, key) > 0:
+      _fail(key, _get(config, key), "must be > 0")
   for key in ("model.moe.aux_loss_weight", "model.moe.z_loss_weight", "train.weight_decay",
-              "train.warmup_steps"):
+              "train.warmup_steps", "model.moe.num_shared_experts", "model.moe.shared_d_ff"):
     if _get(config, key) < 0:
       _fail(key, _get(config, key), "must be >= 0")
   if not t.lr > 0:

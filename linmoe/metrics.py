@@ -9,6 +9,9 @@ import tqdm
 
 
 def _plain(value):
+  """A float (or a list of floats for arrays, e.g. per-expert load); non-finite values as strings."""
+  if getattr(value, "ndim", 0):
+    return [_plain(v) for v in value.tolist()]
   value = float(value)
   return value if math.isfinite(value) else str(value)
 
@@ -34,9 +37,12 @@ class MetricsWriter:
     for key, value in record.items():
       if key != "step" and isinstance(value, float):
         self._tb.add_scalar(key, value, step)
+      elif isinstance(value, list):
+        for i, item in enumerate(value):
+          self._tb.add_scalar(f"{key}/{i}", item, step)
     line = f"step {step}: " + " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-        if k != "step")
+        if k != "step" and not isinstance(v, list))
     (self._bar.write if self._bar is not None else print)(line)
     sys.stdout.flush()
 

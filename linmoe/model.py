@@ -10,9 +10,6 @@ from linmoe.layers.common import EMBED_INIT_STD, compute_dtype, rms_norm
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.moe import MoE
 
-AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_max_load")
-
-
 def uses_moe(cfg: ModelConfig) -> bool:
   return cfg.moe.num_experts > 1
 
@@ -32,7 +29,7 @@ class Block(nn.Module):
     x = x + mixer(rms_norm(self.cfg, "mixer_norm")(x))
     h = rms_norm(self.cfg, "ffn_norm")(x)
     if uses_moe(self.cfg):
-      y, aux = MoE(self.cfg, name="moe")(h)
+      y, aux = MoE(self.cfg, training=self.mode == "train", name="moe")(h)
     else:
       y, aux = SwiGLU(self.cfg, name="mlp")(h), {}
     return x + y, aux
@@ -58,5 +55,6 @@ class LinearMoELM(nn.Module):
       aux_per_layer.append(aux)
     x = rms_norm(cfg, "final_norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg), name="lm_head")(x)
-    aux = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a)), *aux_per_layer) if uses_moe(cfg) else {}
+    aux = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), axis=0), *aux_per_layer) if uses_moe(
+        cfg) else {}
     return logits.astype(jnp.float32), aux

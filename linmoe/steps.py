@@ -55,6 +55,6 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, cfg: ModelCo
 
 def eval_step(params, batch: dict, *, model: nn.Module) -> dict:
   """Summed token loss and token count of one batch."""
-  logits, _ = model.apply({"params": params}, batch["inputs"])
+  logits, _ = model.apply({"params": params}, batch["inputs"], mode="eval")
   losses = cross_entropy(logits, batch["targets"])
   return {"loss_sum": jnp.sum(losses), "tokens": jnp.asarray(losses.size, jnp.float32)}

@@ -4,12 +4,6 @@ import pytest
 from linmoe.config import ConfigError, ModelConfig, default_config, padded_vocab_size, validate
 
 
-def test_default_and_tiny_configs_are_valid():
-  validate(default_config(), device_count=1)
-  from configs.tiny import get_config
-  validate(get_config(), device_count=1)
-
-
 @pytest.mark.parametrize("key,value,expect", [
     ("model.lsm", "transformerx", "model.lsm = 'transformerx': must be one of"),
     ("model.pattern", "LLXN", "model.pattern = 'LLXN'"),
@@ -71,3 +65,19 @@ def test_layer_kinds_repeat_pattern_to_depth():
   model = default_config().model
   model.pattern, model.n_layers = "LLLN", 6
   assert ModelConfig.from_config(model, 384).layer_kinds == "LLLNLL"
+
+
+@pytest.mark.parametrize("name", ["tiny", "a0p3b_2b", "a1b_7b", "moe_mixtral", "moe_qwen2",
+                                  "moe_deepseek_v2"])
+def test_bundled_configs_are_valid(name):
+  import importlib
+  validate(importlib.import_module(f"configs.{name}").get_config(), device_count=1)
+
+
+@pytest.mark.parametrize("key,value", [("model.moe.router", "topk"),
+                                       ("model.moe.dispatch", "dropful"),
+                                       ("model.moe.gmm_impl", "cutlass"),
+                                       ("model.moe.capacity_factor_train", 0.0),
+                                       ("model.moe.num_shared_experts", -1)])
+def test_bad_moe_values_are_named(key, value):
+  test_bad_value_names_key_value_and_allowed(key, value, f"{key} = {value!r}")

@@ -207,7 +207,7 @@ def test_bf16_inputs(family):
 
 def test_unknown_impl_raises():
   inputs = _inputs(FAMILIES["gla"], 5, seed=0)
-  with pytest.raises(ValueError, match="'naive', 'chunked', 'auto'"):
+  with pytest.raises(ValueError, match="'naive', 'chunked', 'pallas', 'auto'"):
     kernels.gla(**inputs, impl="fast")
 
 

@@ -1,13 +1,12 @@
-"""Model-level tests: attention and dense-MLP paths, bf16, and MoE against a loop reference.
+"""Model-level tests: the attention and dense-MLP paths and bf16 compute.
 
-Every LSM instance is covered by tests/test_lsm_zoo.py."""
+Every LSM instance is covered by tests/test_lsm_zoo.py, the MoE layer by tests/test_moe.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from linmoe.config import ModelConfig, default_config
-from linmoe.layers.moe import MoE
 from linmoe.model import LinearMoELM
 
 VOCAB, SEQ = 64, 24  # SEQ is not a multiple of the chunk size (16)
@@ -58,40 +57,3 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   logits, _ = model.apply({"params": params}, tokens)
   assert np.isfinite(np.asarray(logits)).all()
-
-
-def moe_reference(params, x, cfg: ModelConfig):
-  """Loop over tokens and their top-k experts: the plain definition of the MoE output."""
-  tokens = np.asarray(x.reshape(-1, cfg.d_model), np.float64)
-  logits = tokens @ np.asarray(params["router"]["kernel"], np.float64)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  out = np.zeros_like(tokens)
-  silu = lambda a: a / (1 + np.exp(-a))
-  for i, (x_i, p_i) in enumerate(zip(tokens, probs)):
-    top = np.argsort(-p_i)[: cfg.moe.top_k]
-    weights = p_i[top] / p_i[top].sum()
-    for e, w in zip(top, weights):
-      h = silu(x_i @ params["w_gate"][e]) * (x_i @ params["w_up"][e])
-      out[i] += w * (h @ np.asarray(params["w_down"][e], np.float64))
-  return out.reshape(x.shape)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_moe_dispatch_equals_loop_reference(seed):
-  cfg = model_config()
-  x = jax.random.normal(jax.random.key(seed), (2, 9, cfg.d_model))
-  layer = MoE(cfg)
-  params = layer.init(jax.random.key(seed + 10), x)["params"]
-  y, aux = layer.apply({"params": params}, x)
-  np.testing.assert_allclose(y, moe_reference(params, x, cfg), rtol=1e-4, atol=1e-5)
-  assert np.isfinite(float(aux["moe_lb_loss"])) and float(aux["moe_z_loss"]) > 0
-
-
-def test_load_balance_loss_is_one_when_balanced():
-  from linmoe.layers.moe import router_losses
-  logits = jnp.zeros((8, 4))  # uniform router probabilities
-  experts = jnp.array([[0, 1], [2, 3]] * 4)  # every expert gets the same share
-  losses = router_losses(logits, jax.nn.softmax(logits), experts)
-  np.testing.assert_allclose(losses["moe_lb_loss"], 1.0, rtol=1e-6)
-  np.testing.assert_allclose(losses["moe_z_loss"], np.log(4.0) ** 2, rtol=1e-6)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import chunked, common, naive
+from linmoe.kernels import chunked, common, naive, pallas
 
 _SEQ_AXES = ("batch", "seq", "heads")
 _STEP_AXES = ("batch", "heads")
@@ -24,8 +24,17 @@ def _naive(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: flo
 
 
 # Implementations by name; each takes (q, k, v, g [.., decay_dim], *, scale, initial_state, **tiling).
-_IMPLS = {"naive": _naive, "chunked": chunked.chunked_recurrence}
-_AUTO = "chunked"
+_IMPLS = {"naive": _naive, "chunked": chunked.chunked_recurrence, "pallas": pallas.pallas_recurrence}
+
+
+def auto_impl(q: jax.Array, v: jax.Array, per_key_decay: bool, **tiling: int) -> str:
+  """"pallas" on a GPU for the sizes its GPU tests cover (tests/gpu/test_kernels_pallas_gpu.py;
+  3-9x faster than "chunked" there, benchmarks/RESULTS.md), else "chunked"."""
+  sub_chunk = tiling.get("sub_chunk_size", chunked.DEFAULT_SUB_CHUNK_SIZE)
+  if jax.default_backend() == "gpu" and pallas.supports(
+      q.shape[-1], v.shape[-1], tiling["chunk_size"], sub_chunk, per_key_decay):
+    return "pallas"
+  return "chunked"
 
 
 def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, state: jax.Array | None,
@@ -56,7 +65,7 @@ def _run(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, scale: f
          initial_state: jax.Array | None, impl: str, per_key_decay: bool,
          **tiling: int) -> tuple[jax.Array, jax.Array]:
   """Validates the sequence inputs and calls the implementation named by `impl`."""
-  fn = common.select_impl(_IMPLS, impl, _AUTO)
+  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, per_key_decay, **tiling))
   g = _check_inputs(q, k, v, g, initial_state, _SEQ_AXES, per_key_decay)
   scale = common.default_scale(scale, q.shape[-1])
   return fn(q, k, v, g, scale=scale, initial_state=initial_state, **tiling)
@@ -74,8 +83,8 @@ def simple_gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None = N
     g: log decay (<= 0; -inf allowed) [batch, seq, heads], or None for no decay.
     scale: output scale, default key_dim ** -0.5.
     initial_state: optional memory [batch, heads, key_dim, value_dim].
-    impl: "naive", "chunked" or "auto".
-    chunk_size: chunk length of the chunked form.
+    impl: "naive", "chunked", "pallas" (key_dim, value_dim powers of two >= 16) or "auto".
+    chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
@@ -96,9 +105,10 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
     g: log decay (<= 0; -inf allowed) [batch, seq, heads, key_dim].
     scale: output scale, default key_dim ** -0.5.
     initial_state: optional memory [batch, heads, key_dim, value_dim].
-    impl: "naive", "chunked" or "auto".
-    chunk_size: chunk length of the chunked form.
-    sub_chunk_size: sub-chunk length of the chunked intra part; must divide chunk_size.
+    impl: "naive", "chunked", "pallas" (key_dim, value_dim powers of two >= 16) or "auto".
+    chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
+    sub_chunk_size: sub-chunk length of the chunked intra part; must divide chunk_size ("pallas": a power of
+      two >= 16).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.

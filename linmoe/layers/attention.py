@@ -22,7 +22,7 @@ class CausalAttention(Mixer):
     q = rotary(head_projection(cfg, "q_proj")(x), cfg.rope_theta, offset)  # [B, T, H, Dh]
     k = rotary(head_projection(cfg, "k_proj")(x), cfg.rope_theta, offset)
     v = head_projection(cfg, "v_proj")(x)
-    if self.mode == "train":
+    if self.mode in ("train", "eval"):
       return output_projection(cfg)(jax.nn.dot_product_attention(q, k, v, is_causal=True))
     if not self.decoding and self.cache_len < seq:
       raise ValueError(f"cache_len {self.cache_len} cannot hold a prompt of {seq} tokens")

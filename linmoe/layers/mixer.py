@@ -1,6 +1,6 @@
 """What every sequence mixer (LSM layer or attention) shares: its config, depth and run mode.
 
-Modes: "train" (whole sequences, no cache), "prefill" (whole sequences; leaves the mixer's state in the
+Modes: "train" and "eval" (whole sequences, no cache; MoE capacity differs), "prefill" (whole sequences; leaves the mixer's state in the
 "cache" variable collection) and "decode" (one token, [batch, 1, d_model]; reads and updates the cache).
 Run the last two with `mutable=["cache"]` (linmoe/decode.py does).
 """
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from linmoe.config import ModelConfig
 
-MODES = ("train", "prefill", "decode")
+MODES = ("train", "eval", "prefill", "decode")
 CACHE = "cache"
 
 
@@ -17,7 +17,7 @@ def cache_variable(module: nn.Module, mode: str, name: str, init_fn) -> nn.Varia
   """`module`'s cache variable `name` outside training (created by `init_fn()` in prefill)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  return None if mode == "train" else module.variable(CACHE, name, init_fn)
+  return None if mode in ("train", "eval") else module.variable(CACHE, name, init_fn)
 
 
 class Mixer(nn.Module):

@@ -1,34 +1,44 @@
-"""Mixture-of-Experts feed-forward: softmax top-k router, dropless dispatch, SwiGLU experts.
+"""Mixture-of-Experts feed-forward: router, dispatch to SwiGLU experts, combine, shared experts.
 
-Tokens are sorted by expert, the three expert matmuls run as grouped matmuls over the ragged groups
-(`jax.lax.ragged_dot`), and the results are unsorted and combined with the router weights.
+Dispatch modes (`model.moe.dispatch`):
+- dropless: token slots are sorted by expert and the three expert matmuls run as grouped matmuls over
+  the ragged groups (`linmoe.kernels.grouped_matmul`); results are unsorted and combined.
+- capacity: each expert takes at most ceil(factor * slots / experts) slots (factor
+  `capacity_factor_train` in training, `capacity_factor_eval` otherwise), in token order; slots past
+  capacity are dropped (they contribute zero) and their share is reported as `moe_dropped_frac`.
+Neither mode builds a [tokens, experts] one-hot: both sort the slots once and unsort once.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from linmoe import kernels
 from linmoe.config import ModelConfig
 from linmoe.layers.common import compute_dtype
+from linmoe.layers.mlp import SwiGLU
+from linmoe.layers.router import route, router_losses
 
 
-def router_losses(logits: jnp.ndarray, probs: jnp.ndarray, experts: jnp.ndarray) -> dict:
-  """Load-balancing loss (Switch/GShard: E * sum_e f_e p_e, 1.0 when balanced) and router z-loss.
+def sort_slots(experts: jnp.ndarray, num_experts: int):
+  """Sorts the [tokens, k] slots by expert; returns (order [slots], group sizes [experts],
+  rank of each sorted slot within its expert's group [slots])."""
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  sorted_experts = flat[order]
+  rank = jnp.arange(flat.size) - starts[sorted_experts]
+  return order, group_sizes, rank, sorted_experts
 
-  Args:
-    logits, probs: [tokens, experts] float32.
-    experts: [tokens, k] int32, the chosen experts.
-  """
-  num_experts = logits.shape[-1]
-  counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
-  load = counts / experts.size  # f_e: share of routed slots per expert
-  balance = num_experts * jnp.sum(load * jnp.mean(probs, axis=0))
-  z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
-  return {"moe_lb_loss": balance, "moe_z_loss": z_loss, "moe_max_load": jnp.max(load) * num_experts}
+
+def capacity(slots: int, num_experts: int, factor: float) -> int:
+  return max(1, int(-(-factor * slots // num_experts)))
 
 
 class MoE(nn.Module):
-  """[batch, seq, d_model] -> ([batch, seq, d_model], aux losses)."""
+  """[batch, seq, d_model] -> ([batch, seq, d_model], aux losses and load metrics)."""
   cfg: ModelConfig
+  training: bool = True  # selects the capacity factor
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
@@ -37,24 +47,57 @@ class MoE(nn.Module):
     tokens = x.reshape(-1, cfg.d_model)  # [N, D]
     logits = nn.Dense(moe.num_experts, use_bias=False, dtype=jnp.float32, name="router")(
         tokens.astype(jnp.float32))  # [N, E]
-    probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, moe.top_k)  # [N, k]
-    if moe.renormalize:
-      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    routing = route(logits, moe.router, moe.top_k, moe.renormalize)
+    aux = router_losses(logits, routing)
 
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1,
                                             out_axis=2, batch_axis=(0,))
-    w_gate = self.param("w_gate", init, (moe.num_experts, cfg.d_model, moe.d_ff)).astype(dtype)
-    w_up = self.param("w_up", init, (moe.num_experts, cfg.d_model, moe.d_ff)).astype(dtype)
-    w_down = self.param("w_down", init, (moe.num_experts, moe.d_ff, cfg.d_model)).astype(dtype)
+    shape_in, shape_out = (moe.num_experts, cfg.d_model, moe.d_ff), (moe.num_experts, moe.d_ff,
+                                                                     cfg.d_model)
+    weights = tuple(self.param(n, init, s).astype(dtype) for n, s in (
+        ("w_gate", shape_in), ("w_up", shape_in), ("w_down", shape_out)))
 
-    flat_experts = experts.reshape(-1)  # [N*k]
-    order = jnp.argsort(flat_experts, stable=True)
-    group_sizes = jnp.bincount(flat_experts, length=moe.num_experts).astype(jnp.int32)
+    order, group_sizes, rank, sorted_experts = sort_slots(routing.experts, moe.num_experts)
     xs = tokens[order // moe.top_k].astype(dtype)  # [N*k, D], sorted by expert
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(
-        xs, w_up, group_sizes)
-    ys = jax.lax.ragged_dot(h, w_down, group_sizes)  # [N*k, D]
+    if moe.dispatch == "dropless":
+      ys = self._dropless(xs, weights, group_sizes)
+    else:
+      ys, dropped = self._capacity(xs, weights, rank, sorted_experts)
+      aux["moe_dropped_frac"] = dropped
     y = ys[jnp.argsort(order)].reshape(-1, moe.top_k, cfg.d_model)
-    out = jnp.sum(y * weights[..., None].astype(dtype), axis=1)
-    return out.reshape(x.shape), router_losses(logits, probs, experts)
+    out = jnp.sum(y * routing.weights[..., None].astype(dtype), axis=1)
+    if moe.num_shared_experts:
+      out = out + self._shared(tokens.astype(dtype))
+    return out.reshape(x.shape), aux
+
+  def _dropless(self, xs, weights, group_sizes):
+    """Grouped SwiGLU over ragged expert groups; xs [slots, D] sorted by expert."""
+    w_gate, w_up, w_down = weights
+    gmm = lambda a, w: kernels.grouped_matmul(a, w, group_sizes, impl=self.cfg.moe.gmm_impl)
+    return gmm(jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up), w_down)
+
+  def _capacity(self, xs, weights, rank, sorted_experts):
+    """SwiGLU over an [experts, capacity, D] buffer; slots past an expert's capacity are dropped."""
+    moe = self.cfg.moe
+    factor = moe.capacity_factor_train if self.training else moe.capacity_factor_eval
+    cap = capacity(xs.shape[0], moe.num_experts, factor)
+    keep = rank < cap
+    slot = jnp.where(keep, rank, cap)  # dropped slots go to a scratch row that is cut off
+    buffer = jnp.zeros((moe.num_experts, cap + 1, xs.shape[1]), xs.dtype)
+    buffer = buffer.at[sorted_experts, slot].set(xs)[:, :cap]
+    w_gate, w_up, w_down = weights
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate)) * jnp.einsum(
+        "ecd,edf->ecf", buffer, w_up)
+    out = jnp.einsum("ecf,efd->ecd", h, w_down)
+    ys = jnp.where(keep[:, None], out[sorted_experts, jnp.minimum(slot, cap - 1)], 0)
+    return ys, 1.0 - jnp.mean(keep.astype(jnp.float32))
+
+  def _shared(self, tokens):
+    """Shared experts, applied to every token: one SwiGLU of width num_shared * shared_d_ff, with a
+    sigmoid gate per token when `shared_expert_gate` (Qwen2-MoE) or none (DeepSeek)."""
+    moe = self.cfg.moe
+    y = SwiGLU(self.cfg, d_ff=moe.num_shared_experts * moe.shared_d_ff, name="shared")(tokens)
+    if moe.shared_expert_gate:
+      gate = nn.Dense(1, use_bias=False, dtype=tokens.dtype, name="shared_gate")(tokens)
+      y = y * jax.nn.sigmoid(gate)
+    return y

@@ -1,0 +1,258 @@
+"""Kernel benchmark: simple_gla and gla (ours: chunked, pallas; flash-linear-attention 0.6.0), cuDNN attention.
+
+For each (batch, seq) shape, heads 8, head dim 128, bf16 inputs (fp32 log decays): the median milliseconds of
+the forward pass and of forward + backward (the vjp of o under a random cotangent, every input's gradient).
+flash-linear-attention runs in a PyTorch subprocess, started before JAX takes the GPU; cuDNN attention is
+`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
+
+  python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 20]
+      [--breakdown 1x16384]
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
+HEADS, DIM = 8, 128
+FAMILIES = ("simple_gla", "gla")
+OUR_IMPLS = ("chunked", "pallas")
+ALL_IMPLS = (*OUR_IMPLS, "fla", "cudnn")
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+  """"8x2048,1x65536" -> [(8, 2048), (1, 65536)]."""
+  return [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
+
+
+def _row(op: str, impl: str, batch: int, seq: int, times: dict) -> dict:
+  return {"op": op, "impl": impl, "batch": batch, "seq": seq, **times}
+
+
+def _timed(measure: Callable[[], float]) -> dict:
+  """{"ms": median ms} or {"error": message}: one failing case does not stop the others."""
+  try:
+    return {"ms": measure()}
+  except Exception as e:  # noqa: BLE001 - a benchmark reports failures, whatever they are.
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+def _both(fwd: Callable[[], float], fwd_bwd: Callable[[], float]) -> dict:
+  f, fb = _timed(fwd), _timed(fwd_bwd)
+  return {"fwd_ms": f.get("ms"), "fwd_bwd_ms": fb.get("ms"),
+          "error": "; ".join(r["error"] for r in (f, fb) if "error" in r) or None}
+
+
+def fla_worker(shapes: Sequence[tuple[int, int]], warmup_ms: int, rep_ms: int) -> None:
+  """Prints one JSON row per case: flash-linear-attention timed by triton.testing.do_bench (median, events)."""
+  import torch  # noqa: PLC0415 - only in the subprocess.
+  import torch.nn.functional as F  # noqa: N812, PLC0415
+  import triton  # noqa: PLC0415
+  from fla.ops.gla import chunk_gla  # noqa: PLC0415
+  from fla.ops.simple_gla import chunk_simple_gla  # noqa: PLC0415
+
+  ops = {"simple_gla": chunk_simple_gla, "gla": chunk_gla}
+  for phase in ("fwd_ms", "fwd_bwd_ms"):  # Every forward first: the slow autotuning of the backward comes last.
+    for batch, seq in shapes:
+      for op_name, op in ops.items():
+        make = lambda *s, dtype=torch.bfloat16: torch.randn(*s, dtype=dtype, device="cuda")  # noqa: E731
+        q, k, v = (make(batch, seq, HEADS, DIM).requires_grad_() for _ in range(3))
+        g_shape = (batch, seq, HEADS, DIM) if op_name == "gla" else (batch, seq, HEADS)
+        g = F.logsigmoid(make(*g_shape, dtype=torch.float32)).requires_grad_()
+        do = make(batch, seq, HEADS, DIM)
+
+        def fwd(op=op, q=q, k=k, v=v, g=g):
+          return op(q, k, v, g)[0]
+
+        def fwd_bwd(fwd=fwd, q=q, k=k, v=v, g=g, do=do):
+          return torch.autograd.grad(fwd(), (q, k, v, g), do)
+
+        fn = fwd if phase == "fwd_ms" else fwd_bwd
+        timed = _timed(lambda fn=fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                                             return_mode="median"))
+        times = {phase: timed.get("ms"), "error": timed.get("error")}
+        print(json.dumps(_row(op_name, "fla", batch, seq, times)), flush=True)
+        del q, k, v, g, do
+        torch.cuda.empty_cache()
+
+
+def _run_fla(shapes: Sequence[tuple[int, int]], warmup_ms: int, rep_ms: int, timeout_s: float) -> list[dict]:
+  """fla_worker in a subprocess (its own CUDA context); the cases it did not report carry an error."""
+  shapes_arg = ",".join(f"{b}x{t}" for b, t in shapes)
+  cmd = [sys.executable, __file__, "--fla-worker", "--shapes", shapes_arg, "--warmup-ms", str(warmup_ms),
+         "--rep-ms", str(rep_ms)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
+    stdout, error = proc.stdout, (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+  except subprocess.TimeoutExpired as e:
+    stdout, error = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timed out"
+  merged = {(op, b, t): _row(op, "fla", b, t, {"fwd_ms": None, "fwd_bwd_ms": None, "error": None})
+            for b, t in shapes for op in FAMILIES}
+  for part in (json.loads(line) for line in stdout.splitlines() if line.startswith("{")):
+    row = merged[(part["op"], part["batch"], part["seq"])]
+    row.update({key: value for key, value in part.items() if key in ("fwd_ms", "fwd_bwd_ms")})
+    row["error"] = "; ".join(e for e in (row["error"], part["error"]) if e) or None
+  rows = list(merged.values())
+  for row in rows:
+    if None in (row["fwd_ms"], row["fwd_bwd_ms"]) and not row["error"]:
+      row["error"] = error
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
+  """Median wall-clock ms of fn(*args) to completion (block_until_ready), after warmup calls."""
+  import jax  # noqa: PLC0415
+
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def _jax_rows(shapes: Sequence[tuple[int, int]], impls: Sequence[str], warmup: int, reps: int) -> list[dict]:
+  """Our impls (of `impls`) of both families, and cuDNN attention if "cudnn" is in `impls`."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from linmoe import kernels  # noqa: PLC0415
+
+  ops = {"simple_gla": kernels.simple_gla, "gla": kernels.gla}
+  rows = []
+  for batch, seq in shapes:
+    keys = jax.random.split(jax.random.key(batch * seq), 6)
+    q, k, v, do = (jax.random.normal(key, (batch, seq, HEADS, DIM), jnp.bfloat16) for key in keys[:4])
+    gates = {"simple_gla": jax.nn.log_sigmoid(jax.random.normal(keys[4], (batch, seq, HEADS))),
+             "gla": jax.nn.log_sigmoid(jax.random.normal(keys[5], (batch, seq, HEADS, DIM)))}
+    for op_name, op in ops.items():
+      for impl in (i for i in OUR_IMPLS if i in impls):
+        out = lambda *a, op=op, impl=impl: op(*a, impl=impl)[0]  # noqa: E731
+        fwd = jax.jit(out)
+        fwd_bwd = jax.jit(lambda q, k, v, g, do, out=out: jax.vjp(out, q, k, v, g)[1](do))
+        args = (q, k, v, gates[op_name])
+        rows.append(_row(op_name, impl, batch, seq, _both(
+            lambda: _jax_median_ms(fwd, args, warmup, reps),
+            lambda: _jax_median_ms(fwd_bwd, (*args, do), warmup, reps))))
+        print(json.dumps(rows[-1]), flush=True)
+    if "cudnn" not in impls:
+      continue
+    attention = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+    fwd = jax.jit(attention)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attention, q, k, v)[1](do))
+    rows.append(_row("attention", "cudnn", batch, seq, _both(
+        lambda: _jax_median_ms(fwd, (q, k, v), warmup, reps),
+        lambda: _jax_median_ms(fwd_bwd, (q, k, v, do), warmup, reps))))
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
+  """Median ms of each Pallas kernel of both families' forward and backward, on its own (bf16, C 64, c 16).
+
+  The chunk scan also runs with other value blocks and pipelining depths, to show where its time goes.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from linmoe.kernels.pallas import grads, intra, output, state  # noqa: PLC0415
+
+  chunk, sub, block, scale = 64, 16, 64, DIM**-0.5
+  keys = jax.random.split(jax.random.key(seq), 6)
+  q, k, v, do = (jax.random.normal(key, (batch, seq, HEADS, DIM), jnp.bfloat16) for key in keys[:4])
+  h0 = jnp.zeros((batch, HEADS, DIM, DIM), jnp.float32)
+
+  def cumulative(g):  # The within-chunk cumulative log decay the kernels take.
+    g = jax.nn.log_sigmoid(g).reshape(batch, seq // chunk, chunk, HEADS, -1)
+    return jnp.cumsum(g, axis=2).reshape(batch, seq, HEADS, -1)
+
+  rows = []
+  for op_name, b in (("simple_gla", cumulative(jax.random.normal(keys[4], (batch, seq, HEADS)))),
+                     ("gla", cumulative(jax.random.normal(keys[5], (batch, seq, HEADS, DIM))))):
+    scan = functools.partial(state.chunk_scan, chunk=chunk, block_k=block)
+    states, _ = jax.jit(functools.partial(scan, reverse=False, factor=1.0, block_v=block))(k, v, b, h0)
+    d_states, _ = jax.jit(functools.partial(scan, reverse=True, factor=scale, block_v=block))(q, do, b, h0)
+    vector = op_name == "gla"
+    scores = intra.intra_scores(q, k, b, chunk=chunk, sub=sub) if vector else None
+    stages = {
+        f"chunk_scan bv{bv} stages{ns}": (functools.partial(scan, reverse=False, factor=1.0, block_v=bv,
+                                                             num_stages=ns), (k, v, b, h0))
+        for bv in (32, 64) for ns in (2, 3, 4)}
+    stages["chunk_scan_bwd"] = (functools.partial(scan, reverse=True, factor=scale, block_v=block),
+                                (q, do, b, h0))
+    stages["chunk_outputs"] = (functools.partial(output.chunk_outputs, scale=scale, chunk=chunk, block_v=block),
+                               (q, k, v, b, states, scores))
+    stages["value_grad"] = (functools.partial(grads.value_grad, scale=scale, chunk=chunk, block_v=block,
+                                              dtype=v.dtype), (q, k, b, do, d_states, scores))
+    key_grads = functools.partial(grads.query_key_grads, scale=scale, chunk=chunk, block_k=block)
+    stages["query_key_grads"] = key_grads, (q, k, v, do, b, states, d_states)
+    if vector:
+      stages["intra_scores"] = functools.partial(intra.intra_scores, chunk=chunk, sub=sub), (q, k, b)
+      stages["score_grads"] = functools.partial(grads.score_grads, scale=scale, chunk=chunk), (do, v)
+      dq, dk, db = key_grads(q, k, v, do, b, states, d_states)
+      d_scores = grads.score_grads(do, v, scale=scale, chunk=chunk)
+      stages["intra_grads"] = (functools.partial(intra.intra_grads, chunk=chunk, sub=sub),
+                               (q, k, b, d_scores, dq, dk, db))
+    for name, (fn, args) in stages.items():
+      timed = _timed(lambda fn=fn, args=args: _jax_median_ms(jax.jit(fn), args, warmup, reps))
+      rows.append({"op": op_name, "kernel": name, "batch": batch, "seq": seq,
+                   "ms": timed.get("ms", float("nan")), "error": timed.get("error")})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def _table(rows: Sequence[dict]) -> str:
+  """One line per (batch, seq, op, impl): fwd and fwd+bwd ms."""
+  fmt = lambda x: "-" if x is None else f"{x:9.3f}"  # noqa: E731
+  lines = [f"{'batch':>5} {'seq':>6} {'op':<10} {'impl':<8} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
+  for r in sorted(rows, key=lambda r: (r["seq"] * r["batch"], r["seq"], r["op"], r["impl"])):
+    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<10} {r['impl']:<8} {fmt(r['fwd_ms']):>9} "
+                 f"{fmt(r['fwd_bwd_ms']):>9}  {r['error'] or ''}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", help="JSON file for the results")
+  parser.add_argument("--shapes", type=_parse_shapes, default=list(SHAPES), help="e.g. 8x2048,1x65536")
+  parser.add_argument("--reps", type=int, default=20, help="timed calls per JAX case")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed calls per JAX case (compilation included)")
+  parser.add_argument("--warmup-ms", type=int, default=100, help="do_bench warmup of the fla cases")
+  parser.add_argument("--rep-ms", type=int, default=500, help="do_bench repetition time of the fla cases")
+  parser.add_argument("--fla-timeout", type=float, default=180.0, help="seconds for the fla subprocess")
+  parser.add_argument("--impls", type=lambda t: t.split(","), default=list(ALL_IMPLS),
+                      help=f"comma-separated subset of {','.join(ALL_IMPLS)}")
+  parser.add_argument("--breakdown", type=_parse_shapes, default=[],
+                      help="shapes (e.g. 1x16384) at which to time every Pallas kernel on its own")
+  parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  if args.fla_worker:
+    fla_worker(args.shapes, args.warmup_ms, args.rep_ms)
+    return
+  rows = _run_fla(args.shapes, args.warmup_ms, args.rep_ms, args.fla_timeout) if "fla" in args.impls else []
+  rows += _jax_rows(args.shapes, args.impls, args.warmup, args.reps)
+  stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.warmup, args.reps)]
+  import jax  # noqa: PLC0415
+
+  meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "heads": HEADS, "dim": DIM,
+          "dtype": "bfloat16"}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"meta": meta, "rows": rows, "pallas_kernels": stages}, f, indent=1)
+  print(meta)
+  print(_table(rows))
+  for row in stages:
+    print(f"{row['batch']:>3}x{row['seq']:<6} {row['op']:<10} {row['kernel']:<28} {row['ms']:8.3f} ms")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,93 @@
+"""Block specs over the op layouts and small tile functions shared by the kernels.
+
+Every grid is (i, bh, j): `bh` runs over batch * heads, `i` over chunks, sub-chunks or key blocks, and `j` over
+feature blocks. Tile functions work on loaded values; all decays are exponents <= 0 masked before `exp`.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+BlockIndex = Callable[[jax.Array, jax.Array], jax.Array | int]
+
+
+def token_spec(heads: int, rows: int, width: int, row_block: BlockIndex, col_block: BlockIndex) -> pl.BlockSpec:
+  """Block [rows, width] of a [batch, seq, heads, dim] array; the block indices are functions of (i, j)."""
+  return pl.BlockSpec((None, rows, None, width),
+                      lambda i, bh, j: (bh // heads, row_block(i, j), bh % heads, col_block(i, j)))
+
+
+def chunk_state_spec(heads: int, n_chunks: int | None, block_k: int, block_v: int, chunk: BlockIndex,
+                     k_block: BlockIndex, v_block: BlockIndex) -> pl.BlockSpec:
+  """Block [n_chunks, block_k, block_v] of a [batch, N, heads, K, V] array (n_chunks None squeezes that axis)."""
+  return pl.BlockSpec((None, n_chunks, None, block_k, block_v),
+                      lambda i, bh, j: (bh // heads, chunk(i, j), bh % heads, k_block(i, j), v_block(i, j)))
+
+
+def head_state_spec(heads: int, block_k: int, block_v: int, k_block: BlockIndex,
+                    v_block: BlockIndex) -> pl.BlockSpec:
+  """Block [block_k, block_v] of a [batch, heads, K, V] state."""
+  return pl.BlockSpec((None, None, block_k, block_v),
+                      lambda i, bh, j: (bh // heads, bh % heads, k_block(i, j), v_block(i, j)))
+
+
+def dot(a: jax.Array, b: jax.Array, dtype: jnp.dtype, *, trans_a: bool = False,
+        trans_b: bool = False) -> jax.Array:
+  """op(a) @ op(b) with operands cast to `dtype` and fp32 accumulation (op transposes when asked).
+
+  Args:
+    a: [M, Kc] ([Kc, M] with trans_a).
+    b: [Kc, N] ([N, Kc] with trans_b).
+    dtype: operand dtype of the matrix units (the inputs' dtype).
+    trans_a: contract a's first axis.
+    trans_b: contract b's last axis.
+
+  Returns:
+    [M, N] fp32.
+  """
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, preferred_element_type=F32)
+
+
+def row_ids(n: int) -> jax.Array:
+  """Row indices 0..n-1 as [n, 1] int32."""
+  return lax.broadcasted_iota(jnp.int32, (n, 1), 0)
+
+
+def col_ids(n: int) -> jax.Array:
+  """Column indices 0..n-1 as [1, n] int32."""
+  return lax.broadcasted_iota(jnp.int32, (1, n), 1)
+
+
+def causal(n: int) -> jax.Array:
+  """i >= j as [n (i), n (j)] bool."""
+  return lax.broadcasted_iota(jnp.int32, (n, n), 0) >= lax.broadcasted_iota(jnp.int32, (n, n), 1)
+
+
+def masked_exp(mask: jax.Array, exponent: jax.Array) -> jax.Array:
+  """exp(exponent) where mask, else 0; masked before exp so that no positive exponent is formed."""
+  return jnp.exp(jnp.where(mask, exponent, -jnp.inf))
+
+
+def scalar_decay_scores(q: jax.Array, k: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Causal intra-chunk scores (q_i . k_j) e^{b_i - b_j}, j <= i, for scalar decay.
+
+  Args:
+    q, k: [C, K].
+    b: cumulative log decay [C, 1] fp32.
+    dtype: operand dtype of the matmul.
+
+  Returns:
+    [C (i), C (j)] fp32.
+  """
+  decay = masked_exp(causal(q.shape[0]), b - jnp.transpose(b))
+  return dot(q, k, dtype, trans_b=True) * decay
+
+
+def sum_to_decay(x: jax.Array, decay_dim: int) -> jax.Array:
+  """Gradient of a per-key quantity [R, K] folded onto a decay of trailing size decay_dim (1 or K)."""
+  return jnp.sum(x, axis=1, keepdims=True) if decay_dim == 1 else x

@@ -1,0 +1,151 @@
+"""The decay recurrence on Pallas kernels, forward and backward (`jax.custom_vjp`).
+
+Forward: `state.chunk_scan` stores the fp32 state entering every chunk, (vector decay) `intra.intra_scores`
+the causal intra-chunk scores, and `output.chunk_outputs` the outputs of all chunks in parallel.
+Backward: the residuals are the inputs alone (q, k, v, the cumulative log decay b and the initial state); the
+chunk states and (vector decay) the scores are recomputed, which costs one more scan and score pass but no
+[T / C, K, V] fp32 array kept alive from the forward pass to the backward. The reverse scan gives dL/dh at
+every chunk edge, then `grads` and (vector decay) `intra.intra_grads` give dv, dq, dk and dL/db per chunk.
+The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from linmoe.kernels import chunked, common
+from linmoe.kernels.pallas import grads, intra, output, state
+
+MIN_DIM = 16  # Smallest matmul side of the Triton lowering.
+BLOCK = 64  # Key and value block of the programs that split the feature axes.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static settings of one call."""
+  scale: float
+  chunk: int
+  sub: int
+  block_k: int
+  block_v: int
+
+
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array,
+             cfg: _Config) -> tuple[jax.Array, jax.Array]:
+  """o [batch, T, heads, V] and the final state [batch, heads, K, V] fp32 (T a multiple of the chunk)."""
+  states, final = state.chunk_scan(k, v, b, h0, chunk=cfg.chunk, reverse=False, factor=1.0,
+                                   block_k=cfg.block_k, block_v=cfg.block_v)
+  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub) if b.shape[-1] > 1 else None
+  o = output.chunk_outputs(q, k, v, b, states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
+  return o, final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _recurrence(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array,
+                cfg: _Config) -> tuple[jax.Array, jax.Array]:
+  return _forward(q, k, v, b, h0, cfg)
+
+
+def _recurrence_fwd(q, k, v, b, h0, cfg):
+  return _forward(q, k, v, b, h0, cfg), (q, k, v, b, h0)
+
+
+def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
+  """Gradients of (q, k, v, b, h0) from the cotangents of (o, final state)."""
+  q, k, v, b, h0 = residuals
+  do, d_final = cotangents
+  do = do.astype(v.dtype)
+  vector_decay = b.shape[-1] > 1
+  scan = functools.partial(state.chunk_scan, chunk=cfg.chunk, block_k=cfg.block_k, block_v=cfg.block_v)
+  states, _ = scan(k, v, b, h0, reverse=False, factor=1.0)
+  d_states, d_h0 = scan(q, do, b, d_final.astype(jnp.float32), reverse=True, factor=cfg.scale)
+  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub) if vector_decay else None
+  dv = grads.value_grad(q, k, b, do, d_states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v,
+                        dtype=v.dtype)
+  dq, dk, db = grads.query_key_grads(q, k, v, do, b, states, d_states, scale=cfg.scale, chunk=cfg.chunk,
+                                     block_k=cfg.block_k)
+  if vector_decay:
+    d_scores = grads.score_grads(do, v, scale=cfg.scale, chunk=cfg.chunk)
+    dq, dk, db = intra.intra_grads(q, k, b, d_scores, dq, dk, db, chunk=cfg.chunk, sub=cfg.sub)
+  return dq, dk, dv, db, d_h0
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _is_tile_size(n: int) -> bool:
+  """A power of two of at least MIN_DIM."""
+  return n >= MIN_DIM and n & (n - 1) == 0
+
+
+def supports(key_dim: int, value_dim: int, chunk_size: int, sub_chunk_size: int,
+             vector_decay: bool) -> bool:
+  """Whether `pallas_recurrence` takes these sizes (see `_check`)."""
+  try:
+    _check(key_dim, value_dim, chunk_size, sub_chunk_size, vector_decay)
+  except ValueError:
+    return False
+  return True
+
+
+def _check(key_dim: int, value_dim: int, chunk_size: int, sub_chunk_size: int, vector_decay: bool) -> None:
+  """Raises ValueError, naming the size, unless every tiled size is a power of two >= MIN_DIM."""
+  sizes = {"key_dim": key_dim, "value_dim": value_dim, "chunk_size": chunk_size}
+  if vector_decay:
+    sizes["sub_chunk_size"] = sub_chunk_size
+  for name, size in sizes.items():
+    if not _is_tile_size(size):
+      raise ValueError(f"impl='pallas' needs {name} to be a power of two >= {MIN_DIM}, got {size}")
+  if vector_decay and sub_chunk_size > chunk_size:
+    raise ValueError(f"sub_chunk_size must divide chunk_size={chunk_size}, got {sub_chunk_size}")
+
+
+def _chunk_cumsum(g: jax.Array, chunk_size: int) -> jax.Array:
+  """Floored log decay summed within each chunk: [batch, T, heads, Kg] -> same, fp32 (T a multiple of C)."""
+  batch, seq_len = g.shape[:2]
+  g = jnp.maximum(g.astype(jnp.float32), chunked.LOG_DECAY_FLOOR)
+  b = jnp.cumsum(g.reshape(batch, seq_len // chunk_size, chunk_size, *g.shape[2:]), axis=2)
+  return b.reshape(g.shape)
+
+
+def _pad_seq(x: jax.Array, pad: int) -> jax.Array:
+  """Zero-pads the seq axis (1) at the end; x itself when pad is 0."""
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
+                      initial_state: jax.Array | None = None,
+                      chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
+                      sub_chunk_size: int = chunked.DEFAULT_SUB_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+  """Chunked decay recurrence on Pallas kernels; same results as `naive.naive_recurrence`.
+
+  Args:
+    q: queries [batch, seq, heads, key_dim].
+    k: keys [batch, seq, heads, key_dim].
+    v: values [batch, seq, heads, value_dim].
+    g: log decay (<= 0; -inf allowed) [batch, seq, heads, decay_dim]; decay_dim 1 is scalar decay, key_dim
+      vector decay.
+    scale: output scale.
+    initial_state: optional [batch, heads, key_dim, value_dim].
+    chunk_size: C, a power of two >= 16; any seq works (zero padding at the end).
+    sub_chunk_size: sub-chunk of the vector-decay intra part, a power of two >= 16 dividing C.
+
+  Returns:
+    o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
+
+  Raises:
+    ValueError: key_dim, value_dim, chunk_size or sub_chunk_size is not a power of two >= 16.
+  """
+  batch, seq_len, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  vector_decay = g.shape[-1] != 1
+  _check(key_dim, value_dim, chunk_size, sub_chunk_size, vector_decay)
+  h0 = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
+  pad = -seq_len % chunk_size
+  q, k, v, g = (_pad_seq(x, pad) for x in (q, k, v, g))
+  cfg = _Config(scale=float(scale), chunk=chunk_size, sub=sub_chunk_size, block_k=min(BLOCK, key_dim),
+                block_v=min(BLOCK, value_dim))
+  o, final_state = _recurrence(q, k, v, _chunk_cumsum(g, chunk_size), h0, cfg)
+  return o[:, :seq_len], final_state

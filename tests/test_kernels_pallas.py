@@ -1,0 +1,143 @@
+"""impl="pallas" of simple_gla and gla against the token loop (naive), in Pallas interpret mode on the CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linmoe import kernels
+
+# (batch, heads, key_dim, value_dim): small, and one with two key and two value blocks in the program grids.
+SMALL, BLOCKED = (2, 2, 32, 16), (1, 1, 128, 128)
+SEQ_LEN = 37
+TILING = {"simple_gla": {"chunk_size": 16}, "gla": {"chunk_size": 32, "sub_chunk_size": 16}}
+OPS = {"simple_gla": kernels.simple_gla, "gla": kernels.gla}
+# Largest allowed |actual - expected|, relative to 1 + max |expected|.
+FP32_TOL = 1e-4
+BF16_TOL = 3e-2
+HOSTILE_LOG_DECAYS = (-30.0, -1e4, -np.inf)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+  """True fp32 matmuls on every backend, so that the tolerances mean the same everywhere."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def _inputs(family: str, dims: tuple[int, int, int, int], seed: int, with_state: bool = True) -> dict:
+  """fp32 q, k, v, a moderate random log decay g and an optional initial state (NumPy draws them)."""
+  batch, heads, key_dim, value_dim = dims
+  rng = np.random.default_rng(seed)
+  lead = (batch, SEQ_LEN, heads)
+  normal = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  return {
+      "q": normal((*lead, key_dim)),
+      "k": normal((*lead, key_dim)),
+      "v": normal((*lead, value_dim)),
+      "g": jax.nn.log_sigmoid(2.0 + normal((*lead, key_dim) if family == "gla" else lead)),
+      "initial_state": normal((batch, heads, key_dim, value_dim)) if with_state else None,
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("family", "impl"))
+def _forward_and_vjp(inputs: dict, cotangent: tuple, family: str, impl: str) -> tuple[tuple, dict]:
+  """(o, final_state) of the op and the gradients of every input under the given cotangent."""
+  outputs, vjp = jax.vjp(lambda x: OPS[family](**x, impl=impl, **TILING[family]), inputs)
+  (grads,) = vjp(cotangent)
+  return outputs, grads
+
+
+def _cotangent(inputs: dict, seed: int) -> tuple[jax.Array, jax.Array]:
+  """Random fp32 cotangents for (o, final_state)."""
+  rng = np.random.default_rng(seed + 1000)
+  batch, _, heads, key_dim = inputs["q"].shape
+  state_shape = (batch, heads, key_dim, inputs["v"].shape[-1])
+  return (jnp.asarray(rng.standard_normal(inputs["v"].shape), jnp.float32),
+          jnp.asarray(rng.standard_normal(state_shape), jnp.float32))
+
+
+def _assert_close(actual, expected, tol: float, name: str) -> None:
+  """|actual - expected| <= tol * (1 + max |expected|), everywhere; both finite."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
+  assert np.all(np.isfinite(expected)), f"{name}: non-finite reference values"
+  err, bound = np.max(np.abs(actual - expected)), tol * (1.0 + np.max(np.abs(expected)))
+  assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
+
+
+def _assert_pallas_matches_naive(family: str, inputs: dict, seed: int, tol: float = FP32_TOL) -> None:
+  """Outputs, final state and all gradients of pallas (inputs in their dtype) equal naive's (inputs in fp32)."""
+  do, d_state = _cotangent(inputs, seed)
+  do = do.astype(inputs["v"].dtype)  # The cotangent of o has o's dtype; naive sees the same values in fp32.
+  fp32_inputs = {n: None if x is None else x.astype(jnp.float32) for n, x in inputs.items()}
+  (o_ref, s_ref), g_ref = _forward_and_vjp(fp32_inputs, (do.astype(jnp.float32), d_state), family, "naive")
+  (o, s), grads = _forward_and_vjp(inputs, (do, d_state), family, "pallas")
+  assert o.dtype == inputs["v"].dtype and s.dtype == jnp.float32
+  _assert_close(o, o_ref, tol, "o")
+  _assert_close(s, s_ref, tol, "final_state")
+  for name, grad in grads.items():
+    if inputs[name] is not None:
+      assert grad.dtype == inputs[name].dtype, f"grad {name}: dtype {grad.dtype}"
+      _assert_close(grad, g_ref[name], tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("dims,with_state", [(SMALL, True), (BLOCKED, False)])
+@pytest.mark.parametrize("family", OPS)
+def test_pallas_matches_naive(family, dims, with_state):
+  _assert_pallas_matches_naive(family, _inputs(family, dims, seed=0, with_state=with_state), seed=0)
+
+
+def _hostile_gates(shape: tuple[int, ...], pattern: str, seed: int) -> jax.Array:
+  """Log decays with the extremes seen in training.
+
+  "zero": no decay anywhere. "scattered": weak decay, with -30, -1e4 or -inf (all channels) on a fifth of the
+  tokens, the first token and the chunk and sub-chunk edges included. "per_channel": every entry drawn from
+  0, weak, -30, -1e4, -inf.
+  """
+  rng = np.random.default_rng(seed)
+  if pattern == "zero":
+    return jnp.zeros(shape)
+  if pattern == "per_channel":
+    return jnp.asarray(rng.choice([0.0, -0.01, *HOSTILE_LOG_DECAYS], size=shape, p=[0.3, 0.4, 0.1, 0.1, 0.1]),
+                       jnp.float32)
+  g = np.full(shape, -0.01, np.float32)
+  tokens = np.concatenate([[0, 15, 16, 31, 32], rng.choice(shape[1], size=shape[1] // 5, replace=False)])
+  g[:, tokens] = rng.choice(HOSTILE_LOG_DECAYS, size=len(tokens)).reshape(-1, *[1] * (g.ndim - 2))
+  return jnp.asarray(g)
+
+
+@pytest.mark.parametrize("family,pattern", [
+    ("simple_gla", "zero"), ("simple_gla", "scattered"),
+    ("gla", "zero"), ("gla", "scattered"), ("gla", "per_channel"),
+])
+def test_hostile_gates_finite_and_match_naive(family, pattern):
+  inputs = _inputs(family, SMALL, seed=1)
+  inputs["g"] = _hostile_gates(inputs["g"].shape, pattern, seed=1)
+  _assert_pallas_matches_naive(family, inputs, seed=1)
+
+
+@pytest.mark.parametrize("family", OPS)
+def test_bf16_inputs(family):
+  """Forward only: the backward's dtypes are covered on the GPU (tests/gpu), where bf16 runs fast."""
+  inputs = _inputs(family, SMALL, seed=2)
+  (o_ref, s_ref), _ = _forward_and_vjp(inputs, _cotangent(inputs, 2), family, "naive")
+  bf16_inputs = {n: x.astype(jnp.bfloat16) for n, x in inputs.items()}
+  o, s = jax.jit(functools.partial(OPS[family], impl="pallas", **TILING[family]))(**bf16_inputs)
+  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+  _assert_close(o, o_ref, BF16_TOL, "o")
+  _assert_close(s, s_ref, BF16_TOL, "final_state")
+
+
+@pytest.mark.parametrize("family,dims,tiling,match", [
+    ("simple_gla", (1, 1, 24, 16), {}, "key_dim"),
+    ("gla", (1, 1, 16, 8), {}, "value_dim"),
+    ("simple_gla", SMALL, {"chunk_size": 48}, "chunk_size"),
+    ("gla", SMALL, {"chunk_size": 32, "sub_chunk_size": 8}, "sub_chunk_size"),
+])
+def test_unsupported_sizes_raise(family, dims, tiling, match):
+  inputs = _inputs(family, dims, seed=0)
+  with pytest.raises(ValueError, match=match):
+    OPS[family](**inputs, impl="pallas", **(TILING[family] | tiling))

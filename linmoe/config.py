@@ -15,6 +15,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 ROUTERS = ("softmax", "sigmoid")
 DISPATCH_MODES = ("dropless", "capacity")
 GMM_IMPLS = ("auto", "ragged_dot", "pallas", "reference")
+MOM_INNER = ("gla", "deltanet", "gated_deltanet")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
   e.gmm_impl = "auto"  # grouped matmul of the dropless mode, one of GMM_IMPLS
   e.aux_loss_weight = 0.01  # load-balancing loss (Switch/GShard form) weight
   e.z_loss_weight = 0.001  # router z-loss weight
+
+  m.mom = mm = ml_collections.ConfigDict()
+  mm.inner = "gla"  # model.lsm = "mom": the LSM of each memory, one of MOM_INNER
+  mm.num_memories = 4  # memories per layer
+  mm.top_k = 2  # memories each token is routed to
+  mm.shared_memory = True  # one more memory that sees every token
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # optimizer steps
@@ -106,6 +113,14 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoMConfig:
+  inner: str
+  num_memories: int
+  top_k: int
+  shared_memory: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model section as a hashable dataclass (Flax modules and jit static args need that)."""
   vocab_size: int
@@ -120,6 +135,7 @@ class ModelConfig:
   rope_theta: float
   norm_eps: float
   moe: MoEConfig
+  mom: MoMConfig
 
   @property
   def head_dim(self) -> int:
@@ -133,8 +149,9 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int) -> "ModelConfig":
-    fields = {k: v for k, v in model.to_dict().items() if k not in ("moe", "vocab_size")}
-    return cls(vocab_size=vocab_size, moe=MoEConfig(**model.moe.to_dict()), **fields)
+    fields = {k: v for k, v in model.to_dict().items() if k not in ("moe", "mom", "vocab_size")}
+    return cls(vocab_size=vocab_size, moe=MoEConfig(**model.moe.to_dict()),
+               mom=MoMConfig(**model.mom.to_dict()), **fields)
 
 
 def padded_vocab_size(model: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
@@ -175,13 +192,16 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _check_positive(config, (
       "model.d_model", "model.n_layers", "model.n_heads", "model.chunk_size", "model.moe.d_ff",
       "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every",
-      "train.eval_batches", "train.ckpt_every", "train.keep_checkpoints",
+      "train.eval_batches", "train.ckpt_every", "train.keep_checkpoints", "model.mom.num_memories",
       *(f"mesh.{axis}" for axis in MESH_AXES)))
   m, t = config.model, config.train
   from linmoe.layers import LSM_LAYERS  # here, not at the top: the layers import this module
   _check_choice(config, "model.lsm", tuple(LSM_LAYERS))
   _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
   _check_choice(config, "model.kernel_impl", KERNEL_IMPLS)
+  _check_choice(config, "model.mom.inner", MOM_INNER)
+  if not 1 <= m.mom.top_k <= m.mom.num_memories:
+    _fail("model.mom.top_k", m.mom.top_k, f"must be in [1, model.mom.num_memories = {m.mom.num_memories}]")
   _check_choice(config, "model.moe.router", ROUTERS)
   _check_choice(config, "model.moe.dispatch", DISPATCH_MODES)
   _check_choice(config, "model.moe.gmm_impl", GMM_IMPLS)

@@ -1,5 +1,6 @@
 """Every LSM instance in the registry, in an `LLLN` hybrid: runs causally, matches its naive op, decodes
 token by token exactly like the parallel forward with a fixed-size state, and trains."""
+import dataclasses
 import json
 import os
 
@@ -20,16 +21,22 @@ DECODE_ATOL = 1e-4  # fp32 logits, decode vs parallel forward
 NAIVE_ATOL = 1e-4  # fp32 logits, model with impl="naive" vs "chunked"
 
 
-def zoo_config(lsm: str, **overrides) -> ModelConfig:
+# Every registered instance, plus Mixture-of-Memories over the delta rule (its default inner is gla).
+ZOO = [(name, {}) for name in LSM_LAYERS] + [("mom", {"inner": "gated_deltanet"})]
+
+
+def zoo_config(lsm: str, mom: dict | None = None, **overrides) -> ModelConfig:
   m = tiny_config("unused", "unused").model
   m.lsm, m.pattern, m.n_layers = lsm, "LLLN", 4
   m.update(overrides)
+  m.mom.update(mom or {})
   return ModelConfig.from_config(m, VOCAB)
 
 
-@pytest.fixture(scope="module", params=tuple(LSM_LAYERS))
+@pytest.fixture(scope="module", params=ZOO, ids=lambda p: "-".join([p[0], *p[1].values()]))
 def zoo(request):
-  cfg = zoo_config(request.param)
+  name, mom = request.param
+  cfg = zoo_config(name, mom)
   model = LinearMoELM(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, SEQ), 0, VOCAB)
   params = model.init(jax.random.key(0), tokens)["params"]
@@ -40,7 +47,7 @@ def zoo(request):
   changed, _ = forward({"params": params}, tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % VOCAB))
   np.testing.assert_allclose(changed[:, : t + 1], logits[:, : t + 1], atol=1e-5)
   assert not np.allclose(changed[:, t + 1:], logits[:, t + 1:])
-  return request.param, cfg, model, params, tokens, logits
+  return name, cfg, model, params, tokens, logits
 
 
 def test_forward_and_gradients_are_finite(zoo):
@@ -53,8 +60,8 @@ def test_forward_and_gradients_are_finite(zoo):
 
 
 def test_model_with_naive_op_matches_chunked(zoo):
-  name, _, _, params, tokens, logits = zoo
-  naive = LinearMoELM(zoo_config(name, kernel_impl="naive"))
+  name, cfg, _, params, tokens, logits = zoo
+  naive = LinearMoELM(dataclasses.replace(cfg, kernel_impl="naive"))
   naive_logits, _ = jax.jit(naive.apply)({"params": params}, tokens)
   np.testing.assert_allclose(naive_logits, logits, atol=NAIVE_ATOL, rtol=0)
   record_difference(name, "naive_vs_chunked_logits", naive_logits, logits)
@@ -82,8 +89,9 @@ def lsm_cache_bytes(cache: dict) -> int:
 
 
 def test_thirty_steps_of_training_lower_the_loss(zoo, small_corpus, tmp_path):
-  name = zoo[0]
+  name, cfg = zoo[:2]
   config = tiny_config(small_corpus, str(tmp_path), lsm=name, pattern="LLLN", n_layers=4)
+  config.model.mom.update(dataclasses.asdict(cfg.mom))
   config.train.update(steps=30, log_every=5, eval_every=30, ckpt_every=30, lr=1e-2)
   Trainer(config).train()
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:

@@ -22,16 +22,27 @@ from linmoe.layers.mixer import Mixer, cache_variable
 @dataclasses.dataclass(frozen=True)
 class Family:
   """A recurrence family: `sequence(*inputs, initial_state=, impl=, chunk_size=) -> (o, state)` over
-  [batch, seq, ...] inputs and `step(*inputs_t, state) -> (o_t, state)` over [batch, ...] inputs."""
+  [batch, seq, ...] inputs and `step(*inputs_t, state) -> (o_t, state)` over [batch, ...] inputs;
+  `zero_state(shape)` is the empty state for the memory shape [batch, heads, dk, dv];
+  `gated_inputs` are the positions of the inputs that, zeroed at a token, leave the state unchanged
+  there (used by Mixture-of-Memories for memories a token is not routed to)."""
   sequence: Callable
   step: Callable
+  zero_state: Callable = lambda shape: jnp.zeros(shape, jnp.float32)
+  gated_inputs: tuple[int, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
-    "simple_gla": Family(kernels.simple_gla, kernels.simple_gla_step),
-    "gla": Family(kernels.gla, kernels.gla_step),
+    "simple_gla": Family(kernels.simple_gla, kernels.simple_gla_step, gated_inputs=(1, 3)),  # k, g
+    "gla": Family(kernels.gla, kernels.gla_step, gated_inputs=(1, 3)),  # k, g
+    "gla_bonus": Family(kernels.gla_bonus, kernels.gla_bonus_step),
+    "diagonal_ssm": Family(kernels.diagonal_ssm, kernels.diagonal_ssm_step),
+    "delta_rule": Family(kernels.delta_rule, kernels.delta_rule_step, gated_inputs=(3, 4)),  # beta, g
+    "dplr": Family(kernels.dplr, kernels.dplr_step),
+    "titans": Family(kernels.titans, kernels.titans_step,  # state: (memory, momentum)
+                     lambda shape: (jnp.zeros(shape, jnp.float32),) * 2),
 }
-OUTPUT_GATES: dict[str, Callable] = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
+OUTPUT_GATES: dict[str, Callable] = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid, "gelu": jax.nn.gelu}
 
 
 class LSMLayer(Mixer):
@@ -47,8 +58,11 @@ class LSMLayer(Mixer):
     raise NotImplementedError
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, memory_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """`memory_mask` [batch, seq] (1 = update): where 0 the memory neither decays nor updates."""
     inputs = self.features(x)
+    if memory_mask is not None:
+      inputs = mask_updates(inputs, FAMILIES[self.family].gated_inputs, memory_mask)
     return self.output(self.recurrence(inputs), x)
 
   def recurrence(self, inputs: tuple[jnp.ndarray | None, ...], family: str | None = None,
@@ -60,7 +74,7 @@ class LSMLayer(Mixer):
     family = FAMILIES[family or self.family]
     q, v = inputs[0], inputs[2]
     shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    memory = cache_variable(self, self.mode, name, lambda: jnp.zeros(shape, jnp.float32))
+    memory = cache_variable(self, self.mode, name, lambda: family.zero_state(shape))
     if self.decoding:
       o, state = family.step(*(a if a is None else a[:, 0] for a in inputs), memory.value)
       o = o[:, None]
@@ -85,6 +99,18 @@ class LSMLayer(Mixer):
     """A causal short convolution over [batch, seq, heads, dim] (or [batch, seq, channels])."""
     flat = x.reshape(*x.shape[:2], -1)
     return ShortConv(mode=self.mode, name=name, **kwargs)(flat).reshape(x.shape)
+
+
+def mask_updates(inputs: tuple[jnp.ndarray | None, ...], gated: tuple[int, ...],
+                 mask: jnp.ndarray) -> tuple[jnp.ndarray | None, ...]:
+  """Zeroes the gated inputs ([batch, seq, ...]) where mask [batch, seq] is 0."""
+  if not gated:
+    raise ValueError("this recurrence family cannot skip tokens (no gated inputs)")
+  def apply(i, a):
+    if i not in gated or a is None:
+      return a
+    return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 2)) > 0, a, 0)  # -inf * 0 would be NaN
+  return tuple(apply(i, a) for i, a in enumerate(inputs))
 
 
 def per_head_log_decay(log_decay_h: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

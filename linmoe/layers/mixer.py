@@ -37,5 +37,5 @@ class Mixer(nn.Module):
     if index is None:
       return 0
     offset = index.value if self.decoding else 0
-    index.value = offset + seq
+    index.value = jnp.asarray(offset + seq, jnp.int32)
     return offset

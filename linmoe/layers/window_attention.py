@@ -1,0 +1,68 @@
+"""Causal sliding-window softmax attention with a decode cache of `window` keys and values.
+
+Each token attends to itself and the window - 1 tokens before it. Sequences run blocked (blocks of `window`
+queries against their own and the previous block: O(seq * window) work and memory); decoding keeps only the
+last `window` keys and values in the "cache" collection, a fixed size whatever the context length.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linmoe.layers.mixer import cache_variable
+
+
+def sliding_window_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int) -> jnp.ndarray:
+  """Softmax attention of token t over tokens t - window + 1 .. t.
+
+  Args:
+    q, k, v: [batch, seq, heads, dim].
+    window: number of keys each query sees (itself included), >= 1.
+  Returns:
+    [batch, seq, heads, dim] in v's dtype.
+  """
+  batch, seq, heads, dim = q.shape
+  n_blocks = -(-seq // window)
+  pad = [(0, 0), (0, n_blocks * window - seq), (0, 0), (0, 0)]
+  q, k, v = (jnp.pad(t, pad).reshape(batch * n_blocks, window, heads, dim) for t in (q, k, v))
+
+  def with_previous_block(t):  # [batch * n_blocks, 2 * window, heads, dim]
+    blocks = t.reshape(batch, n_blocks, window, heads, dim)
+    previous = jnp.pad(blocks, [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])[:, :-1]
+    return jnp.concatenate([previous, blocks], axis=2).reshape(batch * n_blocks, 2 * window, heads, dim)
+
+  # Query i of block b sits at b * window + i, key j of its pair of blocks at (b - 1) * window + j.
+  i, j = jnp.arange(window)[:, None], jnp.arange(2 * window)[None, :]
+  in_window = (j > i) & (j <= i + window)  # [window, 2 * window]
+  has_previous = jnp.arange(n_blocks)[:, None, None] > 0
+  mask = in_window & (has_previous | (j >= window))  # [n_blocks, window, 2 * window]
+  mask = jnp.broadcast_to(mask, (batch, *mask.shape)).reshape(batch * n_blocks, 1, window, 2 * window)
+  o = jax.nn.dot_product_attention(q, with_previous_block(k), with_previous_block(v), mask=mask)
+  return o.reshape(batch, n_blocks * window, heads, dim)[:, :seq]
+
+
+class SlidingWindowAttention(nn.Module):
+  """[batch, seq, heads, dim] q, k, v (positions already applied) -> [batch, seq, heads, dim].
+
+  "prefill" leaves the last `window` keys and values in the cache (zeros before the first token);
+  "decode" (one token) drops the oldest, appends the new one and masks the slots before position 0.
+  """
+  mode: str
+  window: int
+
+  @nn.compact
+  def __call__(self, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+               offset: jnp.ndarray | int) -> jnp.ndarray:
+    batch, _, heads, dim = k.shape
+    empty = lambda: jnp.zeros((batch, self.window, heads, dim), k.dtype)
+    keys = cache_variable(self, self.mode, "keys", empty)
+    values = cache_variable(self, self.mode, "values", empty)
+    if self.mode == "decode":
+      k = jnp.concatenate([keys.value[:, 1:], k], axis=1)  # slot s holds position offset - window + 1 + s
+      v = jnp.concatenate([values.value[:, 1:], v], axis=1)
+      keys.value, values.value = k, v
+      visible = jnp.arange(self.window) >= self.window - 1 - offset
+      return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None, None, :])
+    if keys is not None:
+      keys.value = jnp.concatenate([empty(), k], axis=1)[:, -self.window:]
+      values.value = jnp.concatenate([empty(), v], axis=1)[:, -self.window:]
+    return sliding_window_attention(q, k, v, self.window)

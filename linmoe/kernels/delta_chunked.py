@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.kernels import chunked, common
+from linmoe.kernels.triangular import unit_lower_solve
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -49,10 +50,7 @@ def wy_factors(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array) -> tup
   strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), bool), -1)[:, :, None]
   a = jnp.eye(chunk_size)[:, :, None] + jnp.where(strictly_lower, beta[:, :, None] * key_scores, 0.0)
   rhs = beta[..., None] * jnp.concatenate([k * jnp.exp(b), v.astype(common.STATE_DTYPE)], axis=-1)
-  # Matrices last for the solve: a [N, H, C, C], rhs [N, H, C, key_dim + value_dim].
-  wu = jax.scipy.linalg.solve_triangular(jnp.moveaxis(a, -1, 1), jnp.moveaxis(rhs, 2, 1), lower=True,
-                                         unit_diagonal=True)
-  wu = jnp.moveaxis(wu, 1, 2)
+  wu = unit_lower_solve(a, rhs)  # [N, C, H, key_dim + value_dim]
   return wu[..., :key_dim], wu[..., key_dim:]
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linmoe.kernels import chunked, common
-from linmoe.kernels.dplr import shift_down, unit_lower_solve
+from linmoe.kernels.triangular import shift_down, unit_lower_solve
 
 _SEQ_AXES = ("batch", "seq", "heads")
 _STEP_AXES = ("batch", "heads")

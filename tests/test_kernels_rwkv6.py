@@ -11,7 +11,7 @@ import pytest
 from linmoe import kernels
 # The gla tests' sizes, tolerances, input generators and checks; `_fp32_matmuls` is their autouse fixture
 # (true fp32 matmuls), imported to apply here too.
-from tests.test_kernels_simple_gla_gla import (BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
+from tests.test_kernels_simple_gla_gla import (assert_matches_naive, op_vjp, BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
                                                SUB_CHUNK, VALUE_DIM, Family, _assert_close, _cotangent,
                                                _fp32_matmuls, _hostile_gates, _inputs)
 
@@ -32,25 +32,8 @@ def _forward(inputs: dict, impl: str) -> tuple[jax.Array, jax.Array]:
   return kernels.gla_bonus(**inputs, impl=impl, **BONUS.tiling)
 
 
-@functools.partial(jax.jit, static_argnames="impl")
-def _forward_and_vjp(inputs: dict, cotangent: tuple, impl: str) -> tuple[tuple, dict]:
-  """(o, final_state) and the gradients of every input under the given cotangent."""
-  outputs, vjp = jax.vjp(lambda x: _forward(x, impl), inputs)
-  (grads,) = vjp(cotangent)
-  return outputs, grads
-
-
-def _assert_chunked_matches_naive(inputs: dict, seed: int) -> None:
-  """Outputs, final state and all gradients (u included) of chunked equal naive's (fp32)."""
-  cotangent = _cotangent(inputs, seed)
-  (o_ref, s_ref), g_ref = _forward_and_vjp(inputs, cotangent, "naive")
-  (o, s), grads = _forward_and_vjp(inputs, cotangent, "chunked")
-  assert o.dtype == jnp.float32 and s.dtype == jnp.float32
-  _assert_close(o, o_ref, FP32_TOL, "o")
-  _assert_close(s, s_ref, FP32_TOL, "final_state")
-  for name, grad in grads.items():
-    if inputs[name] is not None:
-      _assert_close(grad, g_ref[name], FP32_TOL, f"grad {name}")
+_forward_and_vjp = functools.partial(op_vjp, _forward)
+_assert_chunked_matches_naive = functools.partial(assert_matches_naive, _forward, impl="chunked")
 
 
 @pytest.mark.parametrize("seed", SEEDS)

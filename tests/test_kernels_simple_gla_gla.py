@@ -82,6 +82,10 @@ def _forward_and_vjp(inputs: dict, cotangent: tuple, family: str, impl: str) -> 
   return outputs, grads
 
 
+# One forward per family, fixed objects so that `op_vjp` compiles each once.
+_FORWARDS = {name: functools.partial(_forward, family=name) for name in FAMILIES}
+
+
 def _cotangent(inputs: dict, seed: int) -> tuple[jax.Array, jax.Array]:
   """Random cotangents for (o, final_state)."""
   rng = np.random.default_rng(seed + 1000)
@@ -102,14 +106,27 @@ def _assert_close(actual, expected, tol: float, name: str) -> None:
   assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
 
 
-def _assert_chunked_matches_naive(family: str, inputs: dict, seed: int) -> None:
-  """Outputs, final state and all gradients of chunked equal naive's (fp32)."""
-  cotangent = _cotangent(inputs, seed)
-  (o_ref, s_ref), g_ref = _forward_and_vjp(inputs, cotangent, family, "naive")
-  (o, s), grads = _forward_and_vjp(inputs, cotangent, family, "chunked")
-  assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+def op_vjp(forward: Callable, inputs: dict, cotangent, impl: str) -> tuple[tuple, dict]:
+  """(o, final_state) of `forward(inputs, impl)` and the gradients of every input under `cotangent`."""
+  outputs, vjp = jax.vjp(lambda x: forward(x, impl=impl), inputs)
+  (grads,) = vjp(cotangent)
+  return outputs, grads
+
+
+op_vjp = functools.partial(jax.jit, static_argnames=("forward", "impl"))(op_vjp)
+
+
+def assert_matches_naive(forward: Callable, inputs: dict, seed: int, impl: str = "chunked",
+                         cotangent_fn: Callable | None = None) -> None:
+  """Outputs, every final-state array and all gradients of `impl` equal naive's (fp32)."""
+  cotangent = (cotangent_fn or _cotangent)(inputs, seed)
+  (o_ref, s_ref), g_ref = op_vjp(forward, inputs, cotangent, "naive")
+  (o, s), grads = op_vjp(forward, inputs, cotangent, impl)
+  assert o.dtype == jnp.float32
   _assert_close(o, o_ref, FP32_TOL, "o")
-  _assert_close(s, s_ref, FP32_TOL, "final_state")
+  for i, (state, expected) in enumerate(zip(jax.tree.leaves(s), jax.tree.leaves(s_ref))):
+    assert state.dtype == jnp.float32
+    _assert_close(state, expected, FP32_TOL, f"final_state[{i}]")
   for name, grad in grads.items():
     if inputs[name] is not None:
       _assert_close(grad, g_ref[name], FP32_TOL, f"grad {name}")
@@ -120,7 +137,7 @@ def _assert_chunked_matches_naive(family: str, inputs: dict, seed: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_matches_naive(family, seq_len, with_state, seed):
   inputs = _inputs(FAMILIES[family], seq_len, seed, with_state)
-  _assert_chunked_matches_naive(family, inputs, seed)
+  assert_matches_naive(_FORWARDS[family], inputs, seed)
 
 
 def _token(inputs: dict, t: int) -> tuple[jax.Array, ...]:
@@ -182,7 +199,7 @@ def test_hostile_gates_finite_and_match_naive(family, pattern):
   fam = FAMILIES[family]
   for seed in SEEDS[:2]:
     inputs = _inputs(fam, 77, seed) | {"g": _hostile_gates(fam, pattern, 77, seed)}
-    _assert_chunked_matches_naive(family, inputs, seed)
+    assert_matches_naive(_FORWARDS[family], inputs, seed)
 
 
 def test_simple_gla_without_gate_is_zero_gate():

@@ -10,7 +10,7 @@ import pytest
 from linmoe import kernels
 # The gla tests' sizes, tolerances, input generators and checks; `_fp32_matmuls` is their autouse fixture
 # (true fp32 matmuls), imported to apply here too.
-from tests.test_kernels_simple_gla_gla import (assert_matches_naive, op_vjp, BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
+from tests.test_kernels_simple_gla_gla import (assert_matches_naive, assert_step_loop_matches, op_vjp, BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
                                                SUB_CHUNK, VALUE_DIM, Family, _assert_close, _cotangent,
                                                _fp32_matmuls, _hostile_gates, _inputs)
 
@@ -96,14 +96,7 @@ def _token(inputs: dict, t: int) -> tuple[jax.Array, ...]:
 def test_step_loop_matches_naive():
   inputs = _dplr_inputs(77, seed=3)
   (o_ref, s_ref), _ = _forward_and_vjp(inputs, _cotangent(inputs, 3), "naive")
-  step = jax.jit(DPLR.step)
-  state, outputs = inputs["initial_state"], []
-  for t in range(77):
-    o_t, state = step(*_token(inputs, t), state)
-    outputs.append(o_t)
-  assert state.dtype == jnp.float32
-  _assert_close(jnp.stack(outputs, axis=1), o_ref, FP32_TOL, "o")
-  _assert_close(state, s_ref, FP32_TOL, "state")
+  assert_step_loop_matches(DPLR.step, _token, inputs, o_ref, s_ref, 77)
 
 
 def test_single_token_chunked_is_one_step():

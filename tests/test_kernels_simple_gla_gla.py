@@ -116,6 +116,20 @@ def op_vjp(forward: Callable, inputs: dict, cotangent, impl: str) -> tuple[tuple
 op_vjp = functools.partial(jax.jit, static_argnames=("forward", "impl"))(op_vjp)
 
 
+def assert_step_loop_matches(step: Callable, token: Callable, inputs: dict, o_ref, s_ref,
+                             seq_len: int) -> None:
+  """A jitted loop of `step(*token(inputs, t), state)` gives naive's outputs and final state (fp32)."""
+  step = jax.jit(step)
+  state, outputs = inputs["initial_state"], []
+  for t in range(seq_len):
+    o_t, state = step(*token(inputs, t), state)
+    outputs.append(o_t)
+  _assert_close(jnp.stack(outputs, axis=1), o_ref, FP32_TOL, "o")
+  for i, (part, expected) in enumerate(zip(jax.tree.leaves(state), jax.tree.leaves(s_ref))):
+    assert part.dtype == jnp.float32
+    _assert_close(part, expected, FP32_TOL, f"state[{i}]")
+
+
 def assert_matches_naive(forward: Callable, inputs: dict, seed: int, impl: str = "chunked",
                          cotangent_fn: Callable | None = None) -> None:
   """Outputs, every final-state array and all gradients of `impl` equal naive's (fp32)."""
@@ -150,14 +164,7 @@ def test_step_loop_matches_naive(family):
   fam = FAMILIES[family]
   inputs = _inputs(fam, 77, seed=3)
   (o_ref, s_ref), _ = _forward_and_vjp(inputs, _cotangent(inputs, 3), family, "naive")
-  step = jax.jit(fam.step)
-  state, outputs = inputs["initial_state"], []
-  for t in range(77):
-    o_t, state = step(*_token(inputs, t), state)
-    outputs.append(o_t)
-  assert state.dtype == jnp.float32
-  _assert_close(jnp.stack(outputs, axis=1), o_ref, FP32_TOL, "o")
-  _assert_close(state, s_ref, FP32_TOL, "state")
+  assert_step_loop_matches(fam.step, _token, inputs, o_ref, s_ref, 77)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -53,11 +53,4 @@ def naive_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, 
   """
   batch, _, heads, key_dim = q.shape
   state = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
-
-  def body(state, token):
-    o_t, state = delta_step(*token, state, scale)
-    return state, o_t
-
-  tokens = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, g))  # seq axis first
-  final_state, o = jax.lax.scan(body, state, tokens)
-  return jnp.moveaxis(o, 0, 1), final_state
+  return naive.scan_tokens(delta_step, (q, k, v, beta, g), state, scale)

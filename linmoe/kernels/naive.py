@@ -49,11 +49,15 @@ def naive_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, 
   """
   batch, _, heads, key_dim = q.shape
   state = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
+  return scan_tokens(decay_step, (q, k, v, g), state, scale)
 
+
+def scan_tokens(step, inputs: tuple[jax.Array, ...], state, scale: float):
+  """`jax.lax.scan` of `step(*inputs_t, state, scale) -> (o_t, state)` over the seq axis (1) of every
+  input; returns o [batch, seq, ...] and the final state. The body of every token-loop reference."""
   def body(state, token):
-    o_t, state = decay_step(*token, state, scale)
+    o_t, state = step(*token, state, scale)
     return state, o_t
 
-  tokens = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g))  # seq axis first
-  final_state, o = jax.lax.scan(body, state, tokens)
+  final_state, o = jax.lax.scan(body, state, tuple(jnp.moveaxis(x, 1, 0) for x in inputs))
   return jnp.moveaxis(o, 0, 1), final_state

@@ -1,6 +1,7 @@
 """Shared fixtures: a small corpus and a tiny config, so the whole suite compiles few shapes."""
 import io
 import json
+import os
 
 import pytest
 import zstandard
@@ -8,6 +9,8 @@ import zstandard
 from linmoe.config import default_config
 
 BUNDLED_CORPUS = "data/kjv.jsonl.zst"
+# tests/multidevice needs 8 devices from process start: tests/test_multidevice.py runs it apart.
+collect_ignore = [] if os.environ.get("LINMOE_MULTIDEVICE") == "1" else ["multidevice"]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""The device mesh and the shardings the trainer uses; the only module that knows mesh axis names."""
+"""The device mesh and the shardings the trainer uses; the only module that knows mesh axis names.
+
+Parallel code reads the mesh of the surrounding `jax.set_mesh(mesh)` context (the trainer sets it
+around init and every step) through `axis_size`, so layers never hold a mesh object.
+"""
 import jax
 import ml_collections
 import numpy as np
@@ -13,6 +17,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
   """A mesh with axes MESH_AXES, sized by the config (validated: product = device count)."""
   shape = tuple(mesh_config[axis] for axis in MESH_AXES)
   return Mesh(np.asarray(jax.devices()).reshape(shape), MESH_AXES)
+
+
+def axis_size(name: str) -> int:
+  """Size of mesh axis `name` in the current `jax.set_mesh` context (1 without a mesh)."""
+  return int(dict(jax.sharding.get_abstract_mesh().shape).get(name, 1))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,131 @@
+"""Multi-query associative recall (MQAR, the Zoology task): recall accuracy against state size.
+
+A sequence starts with `pairs` key-value pairs (keys from the lower half of the vocabulary, values
+from the upper half), then the keys are asked again in random order at random later positions; the
+model must emit each key's value right after the key. Only those positions are scored. Each model
+(2 blocks of one mixer, a dense SwiGLU MLP, no MoE) is trained from scratch on freshly drawn
+sequences and scored on held-out ones; its state size is the bytes of its decode cache after a
+prompt of the sequence length (LSM memories are fixed, attention KV caches grow with the length).
+
+  python3 -m benchmarks.mqar --out results.json [--models gla,attention] [--widths 64,128]
+      [--tasks 128:8,256:16] [--steps 2000] [--small]
+"""
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from linmoe.config import ModelConfig, default_config
+from linmoe.decode import cache_bytes, prefill
+from linmoe.model import LinearMoELM
+from linmoe.steps import cross_entropy
+
+MODELS = ("bla", "retnet", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "mom", "mom-noshared",
+          "attention")
+VOCAB = 8192
+IGNORE = -1
+
+
+def mqar_batch(rng: np.random.Generator, batch: int, seq: int, pairs: int, vocab: int = VOCAB):
+  """inputs, targets [batch, seq] int32; targets are IGNORE except right after a queried key."""
+  half = vocab // 2
+  inputs = np.zeros((batch, seq), np.int32)
+  targets = np.full((batch, seq), IGNORE, np.int32)
+  query_slots = np.arange(2 * pairs, seq - 1)
+  for b in range(batch):
+    keys = rng.choice(np.arange(1, half), pairs, replace=False)
+    values = rng.choice(np.arange(half, vocab), pairs, replace=True)
+    inputs[b, 0:2 * pairs:2], inputs[b, 1:2 * pairs:2] = keys, values
+    slots = np.sort(rng.choice(query_slots, min(pairs, query_slots.size), replace=False))
+    asked = rng.permutation(pairs)[: slots.size]
+    inputs[b, slots] = keys[asked]
+    targets[b, slots] = values[asked]  # the logits at a query key predict its value
+  return inputs, targets
+
+
+def model_config(name: str, width: int, chunk: int) -> ModelConfig:
+  m = default_config().model
+  m.update(d_model=width, n_layers=2, n_heads=max(1, width // 64), chunk_size=chunk)
+  m.moe.update(num_experts=0, d_ff=2 * width)
+  if name == "attention":
+    m.pattern = "N"
+  elif name.startswith("mom"):
+    m.lsm = "mom"
+    m.mom.update(inner="gla", num_memories=4, top_k=2, shared_memory=name == "mom")
+  else:
+    m.lsm = name
+  return ModelConfig.from_config(m, VOCAB)
+
+
+def masked_loss(params, model, inputs, targets):
+  logits, _ = model.apply({"params": params}, inputs)
+  scored = targets != IGNORE
+  losses = cross_entropy(logits, jnp.where(scored, targets, 0))
+  correct = (jnp.argmax(logits, -1) == targets) & scored
+  count = jnp.maximum(jnp.sum(scored), 1)
+  return jnp.sum(losses * scored) / count, jnp.sum(correct) / count
+
+
+def train_and_score(cfg: ModelConfig, seq: int, pairs: int, steps: int, batch: int, lr: float,
+                    seed: int = 0) -> dict:
+  model = LinearMoELM(cfg)
+  rng = np.random.default_rng(seed)
+  params = model.init(jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))["params"]
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.1))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, inputs, targets):
+    (loss, _), grads = jax.value_and_grad(masked_loss, has_aux=True)(params, model, inputs, targets)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  start = time.perf_counter()
+  for _ in range(steps):
+    params, opt_state, loss = step(params, opt_state, *mqar_batch(rng, batch, seq, pairs))
+  held_out = mqar_batch(np.random.default_rng(10_000 + seed), 4 * batch, seq, pairs)
+  _, accuracy = jax.jit(lambda p, i, t: masked_loss(p, model, i, t))(params, *held_out)
+  _, cache = jax.jit(prefill, static_argnums=(0, 3))(model, params, held_out[0][:1], seq)
+  return {"accuracy": float(accuracy), "final_loss": float(loss),
+          "state_bytes": cache_bytes(cache), "train_s": time.perf_counter() - start}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--widths", default="64,128")
+  parser.add_argument("--tasks", default="64:4,128:8,256:16", help="seq:pairs,...")
+  parser.add_argument("--steps", type=int, default=None, help="default 1500 (300 with --small)")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--small", action="store_true", help="a CPU run: one short task, few steps")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  if args.small:
+    args.widths, args.tasks, args.batch = "64", "64:4", 32
+  args.steps = args.steps or (300 if args.small else 1500)
+  rows = []
+  print(f"device: {jax.devices()[0].device_kind}")
+  print(f"{'model':>14} {'width':>5} {'seq':>5} {'pairs':>5} {'accuracy':>8} {'state KiB':>9} {'s':>6}")
+  for name in args.models.split(","):
+    for width in map(int, args.widths.split(",")):
+      for task in args.tasks.split(","):
+        seq, pairs = map(int, task.split(":"))
+        row = {"model": name, "width": width, "seq": seq, "pairs": pairs}
+        row.update(train_and_score(model_config(name, width, min(64, seq)), seq, pairs, args.steps,
+                                   args.batch, args.lr))
+        rows.append(row)
+        print(f"{name:>14} {width:>5} {seq:>5} {pairs:>5} {row['accuracy']:>8.3f} "
+              f"{row['state_bytes'] / 1024:>9.1f} {row['train_s']:>6.0f}", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "steps": args.steps, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

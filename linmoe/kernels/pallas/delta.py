@@ -1,16 +1,17 @@
 """The (gated) delta rule on Pallas kernels, forward and backward (`jax.custom_vjp`).
 
-The chunked WY form of `linmoe.kernels.delta_chunked`: per chunk, W = T (K * e^b) and U = T V with
-T = (I + strictly_lower(diag(beta) K K^T * Gamma))^{-1} diag(beta); the sequential pass over chunks forms the
-corrected values Delta = U - W S_n and the fp32 states; the outputs of all chunks are then those of the decay
-recurrence on Delta (`output.chunk_outputs`).
-Forward: WY factors, `delta_scan.forward_scan` (states entering every chunk, Delta, final state), outputs.
+The chunked WY form of `linmoe.kernels.delta_chunked`: per chunk, W = M (beta * K e^b) and U = M (beta * V) with
+M = (I + strictly_lower(diag(beta) K K^T * Gamma))^{-1}; the sequential pass over chunks forms the corrected
+values Delta = U - W S_n and the fp32 states; the outputs of all chunks are then those of the decay recurrence
+on Delta (`output.chunk_outputs`).
+Forward: `delta_chunk.wy_factors` (W, U, M), `delta_scan.forward_scan` (state entering every chunk, Delta,
+final state), `output.chunk_outputs`.
 Backward: the residuals are the inputs alone (q, k, v, beta, the cumulative log decay b, the initial state);
-W, U, the chunk states and Delta are recomputed (one more WY pass and scan) rather than kept from the forward
+W, U, M, the chunk states and Delta are recomputed (one more WY pass and scan) rather than kept from the forward
 pass. `delta_chunk.local_value_grad` and `delta_scan.backward_scan` give dL/dDelta and dL/dS at every chunk
-edge; with Delta in place of v, `grads.query_key_grads` gives the direct parts of dq, dk, db; the WY factors'
-cotangents (dU = dDelta, dW = -dDelta S_n^T) go back to k, v, beta and b through the WY pass's vjp.
-"""
+edge; with Delta in place of v, `grads.query_key_grads` gives the direct parts of dq, dk, db;
+`delta_chunk.wy_grads` takes the WY factors' cotangents (dU = dDelta, dW = -dDelta S_n^T) back to k, v, beta and b.
+The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them."""
 
 import dataclasses
 import functools
@@ -18,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import chunked, common, delta_chunked
+from linmoe.kernels import chunked, common
 from linmoe.kernels.pallas import delta_chunk, delta_scan, grads, output, recurrence
 
 HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
@@ -38,30 +39,17 @@ class _Config:
   block_v: int
 
 
-def _wy(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """W [batch, T, heads, K] and U [batch, T, heads, V] fp32 of every chunk (`delta_chunked.wy_factors`).
-
-  Args: k [batch, T, heads, K], v [batch, T, heads, V], beta [batch, T, heads], b [batch, T, heads, 1] fp32;
-  T a multiple of chunk.
-  """
-  to_chunks = lambda x: x.reshape(-1, chunk, *x.shape[2:])  # noqa: E731
-  w, u = delta_chunked.wy_factors(to_chunks(k), to_chunks(v), to_chunks(beta), to_chunks(b))
-  return w.reshape(k.shape), u.reshape(v.shape)
-
-
 def _scan(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, h0: jax.Array,
           cfg: _Config) -> tuple[jax.Array, ...]:
-  """W (k's dtype), chunk-entry states, Delta (v's dtype) and the final state."""
-  w, u = _wy(k, v, beta, b, cfg.chunk)
-  w = w.astype(k.dtype)
-  states, delta, final = delta_scan.forward_scan(w, u.astype(v.dtype), k, b, h0, chunk=cfg.chunk,
-                                                 block_v=cfg.block_v)
-  return w, states, delta, final
+  """W (k's dtype), M, chunk-entry states, Delta (v's dtype) and the final state."""
+  w, u, m = delta_chunk.wy_factors(k, v, beta, b, chunk=cfg.chunk)
+  states, delta, final = delta_scan.forward_scan(w, u, k, b, h0, chunk=cfg.chunk, block_v=cfg.block_v)
+  return w, m, states, delta, final
 
 
 def _forward(q, k, v, beta, b, h0, cfg: _Config) -> tuple[jax.Array, jax.Array]:
   """o [batch, T, heads, V] and the final state [batch, heads, K, V] fp32 (T a multiple of the chunk)."""
-  _, states, delta, final = _scan(k, v, beta, b, h0, cfg)
+  _, _, states, delta, final = _scan(k, v, beta, b, h0, cfg)
   o = output.chunk_outputs(q, k, delta, b, states, None, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
   return o, final
 
@@ -76,24 +64,18 @@ def _delta_rule_fwd(q, k, v, beta, b, h0, cfg):
 
 
 def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
-  """Gradients of (q, k, v, beta, b, h0) from the cotangents of (o, final state)."""
+  """Gradients of (q, k, v, beta [.., 1], b, h0) from the cotangents of (o, final state)."""
   q, k, v, beta, b, h0 = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
-  w, states, delta, _ = _scan(k, v, beta, b, h0, cfg)
+  w, m, states, delta, _ = _scan(k, v, beta, b, h0, cfg)
   d_local = delta_chunk.local_value_grad(q, k, b, do, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
   d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_local, d_final.astype(jnp.float32),
                                                      chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v)
   dq, dk, db = grads.query_key_grads(q, k, delta, do, b, states, d_states, scale=cfg.scale, chunk=cfg.chunk,
                                      block_k=cfg.block_k)
-  batch, seq, heads, key_dim = k.shape
-  d_delta_c = d_delta.reshape(batch, seq // cfg.chunk, cfg.chunk, heads, -1)
-  dw = -jnp.einsum("bnchv,bnhkv->bnchk", d_delta_c, states, preferred_element_type=jnp.float32)
-  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  _, wy_vjp = jax.vjp(functools.partial(_wy, chunk=cfg.chunk), f32(k), f32(v), f32(beta), b)
-  dk_wy, dv, d_beta, db_wy = wy_vjp((dw.reshape(k.shape), d_delta))
-  return (dq, (f32(dk) + dk_wy).astype(k.dtype), dv.astype(v.dtype), d_beta.astype(beta.dtype), db + db_wy,
-          d_h0)
+  dk_wy, dv, d_beta, db_wy = delta_chunk.wy_grads(k, v, beta, b, m, d_delta, states, chunk=cfg.chunk)
+  return dq, (dk + dk_wy).astype(k.dtype), dv, d_beta.astype(beta.dtype), db + db_wy, d_h0
 
 
 _delta_rule.defvjp(_delta_rule_fwd, _delta_rule_bwd)
@@ -154,5 +136,5 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim))
-  o, final_state = _delta_rule(q, k, v, beta, recurrence._chunk_cumsum(g, chunk_size), h0, cfg)
+  o, final_state = _delta_rule(q, k, v, beta[..., None], recurrence._chunk_cumsum(g, chunk_size), h0, cfg)
   return o[:, :seq_len], final_state

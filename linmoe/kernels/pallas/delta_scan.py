@@ -17,7 +17,9 @@ from jax.experimental import pallas as pl
 
 from linmoe.kernels.pallas import _platform, _tile
 
-NUM_STAGES = 3  # Pipelining depth of the loop over chunks on the GPU.
+# Pipelining depth of the loop over chunks on the GPU, by input itemsize: fp32 tiles of whole key rows at
+# three stages overflow an H100's shared memory.
+NUM_STAGES = {2: 3, 4: 1}
 
 
 def _chunk_rows(n: jax.Array, chunk: int, b_ref) -> tuple:
@@ -99,7 +101,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
   spec = _specs(heads, seq, n_chunks, key_dim, block_v)
   call = _platform.pallas_call(
       functools.partial(_forward_kernel, chunk=chunk, dtype=u.dtype), name="linmoe_delta_scan",
-      grid=(1, batch * heads, value_dim // block_v), num_stages=NUM_STAGES,
+      grid=(1, batch * heads, value_dim // block_v), num_stages=NUM_STAGES[u.dtype.itemsize],
       in_specs=[spec["keys"], spec["values"], spec["keys"], spec["decay"], spec["state"]],
       out_specs=[spec["states"], spec["values"], spec["state"]],
       out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
@@ -133,7 +135,8 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
   spec = _specs(heads, seq, n_chunks, key_dim, block_v)
   call = _platform.pallas_call(
       functools.partial(_backward_kernel, chunk=chunk, scale=scale, dtype=do.dtype),
-      name="linmoe_delta_scan_bwd", grid=(1, batch * heads, value_dim // block_v), num_stages=NUM_STAGES,
+      name="linmoe_delta_scan_bwd", grid=(1, batch * heads, value_dim // block_v),
+      num_stages=NUM_STAGES[do.dtype.itemsize],
       in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["values"],
                 spec["state"]],
       out_specs=[spec["states"], spec["values"], spec["state"]],

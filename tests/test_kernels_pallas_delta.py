@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from linmoe.kernels.pallas import delta as pallas_delta
 # `_fp32_matmuls` is the pallas tests' autouse fixture (true fp32 matmuls), imported to apply here too.
 from tests.test_kernels_pallas import FP32_TOL, _assert_close, _fp32_matmuls, _hostile_gates  # noqa: F401
 
@@ -40,23 +41,26 @@ def _inputs(dims: tuple[int, int, int, int], seed: int, with_state: bool, gated:
   }
 
 
-@functools.partial(jax.jit, static_argnames="impl")
-def _forward_and_vjp(inputs: dict, cotangent: tuple, impl: str) -> tuple[tuple, dict]:
+def _vjp_of_impl(inputs: dict, cotangent: tuple, impl: str) -> tuple[tuple, dict]:
   """(o, final_state) and the gradients of every input (None entries stay None)."""
   outputs, vjp = jax.vjp(lambda x: kernels.delta_rule(**x, impl=impl, chunk_size=CHUNK), inputs)
   (grads,) = vjp(cotangent)
   return outputs, grads
 
 
-def _assert_pallas_matches_naive(inputs: dict, seed: int) -> None:
-  """Outputs, final state and the gradients of q, k, v, beta, g and the initial state equal naive's."""
+_forward_and_vjp = jax.jit(_vjp_of_impl, static_argnames="impl")
+
+
+def _assert_pallas_matches_naive(inputs: dict, seed: int, forward_and_vjp=_forward_and_vjp) -> None:
+  """Outputs, final state and the gradients of q, k, v, beta, g and the initial state equal naive's (the pallas
+  side run by `forward_and_vjp`)."""
   rng = np.random.default_rng(seed + 1000)
   batch, _, heads, key_dim = inputs["q"].shape
   value_dim = inputs["v"].shape[-1]
   cotangent = (jnp.asarray(rng.standard_normal(inputs["v"].shape), jnp.float32),
                jnp.asarray(rng.standard_normal((batch, heads, key_dim, value_dim)), jnp.float32))
   (o_ref, s_ref), g_ref = _forward_and_vjp(inputs, cotangent, "naive")
-  (o, s), grads = _forward_and_vjp(inputs, cotangent, "pallas")
+  (o, s), grads = forward_and_vjp(inputs, cotangent, "pallas")
   _assert_close(o, o_ref, FP32_TOL, "o")
   _assert_close(s, s_ref, FP32_TOL, "final_state")
   for name, grad in grads.items():
@@ -68,6 +72,13 @@ def _assert_pallas_matches_naive(inputs: dict, seed: int) -> None:
 @pytest.mark.parametrize("dims,with_state,gated", [(SMALL, True, True), (WIDE_KEYS, False, False)])
 def test_pallas_matches_naive(dims, with_state, gated, seed):
   _assert_pallas_matches_naive(_inputs(dims, seed, with_state, gated), seed)
+
+
+def test_wide_value_block_matches_naive(monkeypatch):
+  """The scans' wide value block, which the sizes above (few batch * head programs) do not pick."""
+  monkeypatch.setattr(pallas_delta, "FEW_PROGRAMS", 0)
+  inputs = _inputs(WIDE_KEYS, seed=2, with_state=True, gated=True)
+  _assert_pallas_matches_naive(inputs, seed=2, forward_and_vjp=jax.jit(_vjp_of_impl, static_argnames="impl"))
 
 
 @pytest.mark.parametrize("pattern", ["zero", "scattered"])

@@ -1,12 +1,14 @@
-"""Kernel benchmark: simple_gla and gla (ours: chunked, pallas; flash-linear-attention 0.6.0), cuDNN attention.
+"""Kernel benchmark: simple_gla, gla, delta_rule and gated delta_rule (ours: chunked, pallas;
+flash-linear-attention 0.6.0), cuDNN attention.
 
-For each (batch, seq) shape, heads 8, head dim 128, bf16 inputs (fp32 log decays): the median milliseconds of
-the forward pass and of forward + backward (the vjp of o under a random cotangent, every input's gradient).
+For each (batch, seq) shape, heads 8, head dim 128, bf16 inputs (fp32 log decays; the delta rule's keys L2
+normalised, beta in (0, 1)): the median milliseconds of the forward pass and of forward + backward (the vjp of o
+under a random cotangent, every input's gradient).
 flash-linear-attention runs in a PyTorch subprocess, started before JAX takes the GPU; cuDNN attention is
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
 
   python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 20]
-      [--breakdown 1x16384]
+      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384]
 """
 
 import argparse
@@ -20,7 +22,9 @@ from collections.abc import Callable, Sequence
 
 SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
 HEADS, DIM = 8, 128
-FAMILIES = ("simple_gla", "gla")
+FAMILIES = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
+# Each family's inputs after q, k, v, in the order of our op (fla's differs: `_fla_args`).
+EXTRA_INPUTS = {"simple_gla": ("g",), "gla": ("g",), "delta_rule": ("beta",), "gated_delta_rule": ("beta", "g")}
 OUR_IMPLS = ("chunked", "pallas")
 ALL_IMPLS = (*OUR_IMPLS, "fla", "cudnn")
 
@@ -48,51 +52,62 @@ def _both(fwd: Callable[[], float], fwd_bwd: Callable[[], float]) -> dict:
           "error": "; ".join(r["error"] for r in (f, fb) if "error" in r) or None}
 
 
-def fla_worker(shapes: Sequence[tuple[int, int]], warmup_ms: int, rep_ms: int) -> None:
+def fla_worker(shapes: Sequence[tuple[int, int]], families: Sequence[str], warmup_ms: int, rep_ms: int) -> None:
   """Prints one JSON row per case: flash-linear-attention timed by triton.testing.do_bench (median, events)."""
   import torch  # noqa: PLC0415 - only in the subprocess.
   import torch.nn.functional as F  # noqa: N812, PLC0415
   import triton  # noqa: PLC0415
+  from fla.ops.delta_rule import chunk_delta_rule  # noqa: PLC0415
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415
   from fla.ops.gla import chunk_gla  # noqa: PLC0415
   from fla.ops.simple_gla import chunk_simple_gla  # noqa: PLC0415
 
-  ops = {"simple_gla": chunk_simple_gla, "gla": chunk_gla}
+  ops = {"simple_gla": chunk_simple_gla, "gla": chunk_gla, "delta_rule": chunk_delta_rule,
+         "gated_delta_rule": chunk_gated_delta_rule}
+  # fla's argument order: the gate before beta.
+  fla_order = {"simple_gla": ("g",), "gla": ("g",), "delta_rule": ("beta",), "gated_delta_rule": ("g", "beta")}
   for phase in ("fwd_ms", "fwd_bwd_ms"):  # Every forward first: the slow autotuning of the backward comes last.
     for batch, seq in shapes:
-      for op_name, op in ops.items():
+      for op_name in families:
+        op = ops[op_name]
         make = lambda *s, dtype=torch.bfloat16: torch.randn(*s, dtype=dtype, device="cuda")  # noqa: E731
-        q, k, v = (make(batch, seq, HEADS, DIM).requires_grad_() for _ in range(3))
+        q, k, v = (make(batch, seq, HEADS, DIM) for _ in range(3))
+        if op_name in ("delta_rule", "gated_delta_rule"):
+          k = F.normalize(k.float(), dim=-1).to(torch.bfloat16)
         g_shape = (batch, seq, HEADS, DIM) if op_name == "gla" else (batch, seq, HEADS)
-        g = F.logsigmoid(make(*g_shape, dtype=torch.float32)).requires_grad_()
+        extra = {"g": F.logsigmoid(make(*g_shape, dtype=torch.float32)),
+                 "beta": torch.sigmoid(make(batch, seq, HEADS))}
+        inputs = [x.requires_grad_() for x in (q, k, v, *(extra[n] for n in fla_order[op_name]))]
         do = make(batch, seq, HEADS, DIM)
 
-        def fwd(op=op, q=q, k=k, v=v, g=g):
-          return op(q, k, v, g)[0]
+        def fwd(op=op, inputs=inputs):
+          return op(*inputs)[0]
 
-        def fwd_bwd(fwd=fwd, q=q, k=k, v=v, g=g, do=do):
-          return torch.autograd.grad(fwd(), (q, k, v, g), do)
+        def fwd_bwd(fwd=fwd, inputs=inputs, do=do):
+          return torch.autograd.grad(fwd(), inputs, do)
 
         fn = fwd if phase == "fwd_ms" else fwd_bwd
         timed = _timed(lambda fn=fn: triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
                                                              return_mode="median"))
         times = {phase: timed.get("ms"), "error": timed.get("error")}
         print(json.dumps(_row(op_name, "fla", batch, seq, times)), flush=True)
-        del q, k, v, g, do
+        del inputs, do
         torch.cuda.empty_cache()
 
 
-def _run_fla(shapes: Sequence[tuple[int, int]], warmup_ms: int, rep_ms: int, timeout_s: float) -> list[dict]:
+def _run_fla(shapes: Sequence[tuple[int, int]], families: Sequence[str], warmup_ms: int, rep_ms: int,
+             timeout_s: float) -> list[dict]:
   """fla_worker in a subprocess (its own CUDA context); the cases it did not report carry an error."""
   shapes_arg = ",".join(f"{b}x{t}" for b, t in shapes)
-  cmd = [sys.executable, __file__, "--fla-worker", "--shapes", shapes_arg, "--warmup-ms", str(warmup_ms),
-         "--rep-ms", str(rep_ms)]
+  cmd = [sys.executable, __file__, "--fla-worker", "--shapes", shapes_arg, "--families", ",".join(families),
+         "--warmup-ms", str(warmup_ms), "--rep-ms", str(rep_ms)]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
     stdout, error = proc.stdout, (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
   except subprocess.TimeoutExpired as e:
     stdout, error = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timed out"
   merged = {(op, b, t): _row(op, "fla", b, t, {"fwd_ms": None, "fwd_bwd_ms": None, "error": None})
-            for b, t in shapes for op in FAMILIES}
+            for b, t in shapes for op in families}
   for part in (json.loads(line) for line in stdout.splitlines() if line.startswith("{")):
     row = merged[(part["op"], part["batch"], part["seq"])]
     row.update({key: value for key, value in part.items() if key in ("fwd_ms", "fwd_bwd_ms")})
@@ -119,26 +134,32 @@ def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def _jax_rows(shapes: Sequence[tuple[int, int]], impls: Sequence[str], warmup: int, reps: int) -> list[dict]:
-  """Our impls (of `impls`) of both families, and cuDNN attention if "cudnn" is in `impls`."""
+def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str], warmup: int,
+              reps: int) -> list[dict]:
+  """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls`."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
   from linmoe import kernels  # noqa: PLC0415
 
-  ops = {"simple_gla": kernels.simple_gla, "gla": kernels.gla}
+  ops = {"simple_gla": kernels.simple_gla, "gla": kernels.gla, "delta_rule": kernels.delta_rule,
+         "gated_delta_rule": kernels.delta_rule}
   rows = []
   for batch, seq in shapes:
-    keys = jax.random.split(jax.random.key(batch * seq), 6)
+    keys = jax.random.split(jax.random.key(batch * seq), 8)
     q, k, v, do = (jax.random.normal(key, (batch, seq, HEADS, DIM), jnp.bfloat16) for key in keys[:4])
-    gates = {"simple_gla": jax.nn.log_sigmoid(jax.random.normal(keys[4], (batch, seq, HEADS))),
-             "gla": jax.nn.log_sigmoid(jax.random.normal(keys[5], (batch, seq, HEADS, DIM)))}
-    for op_name, op in ops.items():
+    unit_k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    extra = {"simple_gla": {"g": jax.nn.log_sigmoid(jax.random.normal(keys[4], (batch, seq, HEADS)))},
+             "gla": {"g": jax.nn.log_sigmoid(jax.random.normal(keys[5], (batch, seq, HEADS, DIM)))},
+             "delta_rule": {"beta": jax.nn.sigmoid(jax.random.normal(keys[6], (batch, seq, HEADS), jnp.bfloat16))}}
+    extra["gated_delta_rule"] = extra["delta_rule"] | extra["simple_gla"]
+    for op_name in families:
+      op = ops[op_name]
       for impl in (i for i in OUR_IMPLS if i in impls):
         out = lambda *a, op=op, impl=impl: op(*a, impl=impl)[0]  # noqa: E731
         fwd = jax.jit(out)
-        fwd_bwd = jax.jit(lambda q, k, v, g, do, out=out: jax.vjp(out, q, k, v, g)[1](do))
-        args = (q, k, v, gates[op_name])
+        fwd_bwd = jax.jit(lambda *a, out=out: jax.vjp(out, *a[:-1])[1](a[-1]))
+        args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
         rows.append(_row(op_name, impl, batch, seq, _both(
             lambda: _jax_median_ms(fwd, args, warmup, reps),
             lambda: _jax_median_ms(fwd_bwd, (*args, do), warmup, reps))))
@@ -212,9 +233,9 @@ def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
 def _table(rows: Sequence[dict]) -> str:
   """One line per (batch, seq, op, impl): fwd and fwd+bwd ms."""
   fmt = lambda x: "-" if x is None else f"{x:9.3f}"  # noqa: E731
-  lines = [f"{'batch':>5} {'seq':>6} {'op':<10} {'impl':<8} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
+  lines = [f"{'batch':>5} {'seq':>6} {'op':<16} {'impl':<8} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
   for r in sorted(rows, key=lambda r: (r["seq"] * r["batch"], r["seq"], r["op"], r["impl"])):
-    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<10} {r['impl']:<8} {fmt(r['fwd_ms']):>9} "
+    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<16} {r['impl']:<8} {fmt(r['fwd_ms']):>9} "
                  f"{fmt(r['fwd_bwd_ms']):>9}  {r['error'] or ''}")
   return "\n".join(lines)
 
@@ -230,16 +251,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--fla-timeout", type=float, default=180.0, help="seconds for the fla subprocess")
   parser.add_argument("--impls", type=lambda t: t.split(","), default=list(ALL_IMPLS),
                       help=f"comma-separated subset of {','.join(ALL_IMPLS)}")
+  parser.add_argument("--families", type=lambda t: t.split(","), default=list(FAMILIES),
+                      help=f"comma-separated subset of {','.join(FAMILIES)}")
   parser.add_argument("--breakdown", type=_parse_shapes, default=[],
                       help="shapes (e.g. 1x16384) at which to time every Pallas kernel on its own")
   parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
   if args.fla_worker:
-    fla_worker(args.shapes, args.warmup_ms, args.rep_ms)
+    fla_worker(args.shapes, args.families, args.warmup_ms, args.rep_ms)
     return
-  rows = _run_fla(args.shapes, args.warmup_ms, args.rep_ms, args.fla_timeout) if "fla" in args.impls else []
-  rows += _jax_rows(args.shapes, args.impls, args.warmup, args.reps)
+  rows = (_run_fla(args.shapes, args.families, args.warmup_ms, args.rep_ms, args.fla_timeout)
+          if "fla" in args.impls else [])
+  rows += _jax_rows(args.shapes, args.families, args.impls, args.warmup, args.reps)
   stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.warmup, args.reps)]
   import jax  # noqa: PLC0415
 

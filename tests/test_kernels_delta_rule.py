@@ -124,7 +124,7 @@ def test_bf16_inputs(impl):
 
 
 def test_unknown_impl_raises():
-  with pytest.raises(ValueError, match="'naive', 'chunked', 'auto'"):
+  with pytest.raises(ValueError, match="'naive', 'chunked', 'pallas', 'auto'"):
     kernels.delta_rule(**_delta_inputs(5, seed=0), impl="fast")
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import jax
 
 from linmoe.kernels import chunked, common, delta_chunked, delta_naive, gla
+from linmoe.kernels.pallas import delta as pallas_delta
 
 _SEQ_AXES = ("batch", "seq", "heads")
 _STEP_AXES = ("batch", "heads")
@@ -23,8 +24,16 @@ def _naive(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Arr
 
 
 # Implementations by name; each takes (q, k, v, beta, g [.., 1], *, scale, initial_state, **tiling).
-_IMPLS = {"naive": _naive, "chunked": delta_chunked.chunked_delta_rule}
-_AUTO = "chunked"
+_IMPLS = {"naive": _naive, "chunked": delta_chunked.chunked_delta_rule,
+          "pallas": pallas_delta.pallas_delta_rule}
+
+
+def auto_impl(q: jax.Array, v: jax.Array, chunk_size: int) -> str:
+  """"pallas" on a GPU for the sizes its GPU tests cover (tests/gpu/test_kernels_pallas_delta_gpu.py), else
+  "chunked"."""
+  if jax.default_backend() == "gpu" and pallas_delta.supports(q.shape[-1], v.shape[-1], chunk_size):
+    return "pallas"
+  return "chunked"
 
 
 def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array | None,
@@ -48,13 +57,13 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax
     g: log decay (<= 0; -inf allowed) [batch, seq, heads], or None for no decay (DeltaNet).
     scale: output scale, default key_dim ** -0.5.
     initial_state: optional memory [batch, heads, key_dim, value_dim].
-    impl: "naive", "chunked" or "auto".
-    chunk_size: chunk length of the chunked form.
+    impl: "naive", "chunked", "pallas" (key_dim, value_dim 64 or 128) or "auto".
+    chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  fn = common.select_impl(_IMPLS, impl, _AUTO)
+  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, chunk_size))
   g = _check_inputs(q, k, v, beta, g, initial_state, _SEQ_AXES)
   scale = common.default_scale(scale, q.shape[-1])
   return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)

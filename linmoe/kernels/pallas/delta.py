@@ -1,0 +1,140 @@
+"""The (gated) delta rule on Pallas kernels, forward and backward (`jax.custom_vjp`).
+
+The chunked WY form of `linmoe.kernels.delta_chunked`: per chunk, W = M (beta * K e^b) and U = M (beta * V) with
+M = (I + strictly_lower(diag(beta) K K^T * Gamma))^{-1}; the sequential pass over chunks forms the corrected
+values Delta = U - W S_n and the fp32 states; the outputs of all chunks are then those of the decay recurrence
+on Delta (`output.chunk_outputs`).
+Forward: `delta_chunk.wy_factors` (W, U, M), `delta_scan.forward_scan` (state entering every chunk, Delta,
+final state), `output.chunk_outputs`.
+Backward: the residuals are the inputs alone (q, k, v, beta, the cumulative log decay b, the initial state);
+W, U, M, the chunk states and Delta are recomputed (one more WY pass and scan) rather than kept from the forward
+pass. `delta_chunk.local_value_grad` and `delta_scan.backward_scan` give dL/dDelta and dL/dS at every chunk
+edge; with Delta in place of v, `grads.query_key_grads` gives the direct parts of dq, dk, db;
+`delta_chunk.wy_grads` takes the WY factors' cotangents (dU = dDelta, dW = -dDelta S_n^T) back to k, v, beta and b.
+The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from linmoe.kernels import chunked, common
+from linmoe.kernels.pallas import delta_chunk, delta_scan, grads, output, recurrence
+
+HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
+MIN_CHUNK = 16  # Smallest matmul side of the Triton lowering.
+BLOCK_K = 64  # Key block of the key-gradient programs.
+# Value block of the scans, whose programs run over batch * heads * value blocks: narrower blocks when few
+# (batch * head) programs would leave most of the GPU idle.
+WIDE_BLOCK_V, NARROW_BLOCK_V, FEW_PROGRAMS = 64, 32, 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static settings of one call."""
+  scale: float
+  chunk: int
+  block_k: int
+  block_v: int
+
+
+def _scan(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, h0: jax.Array,
+          cfg: _Config) -> tuple[jax.Array, ...]:
+  """W (k's dtype), M, chunk-entry states, Delta (v's dtype) and the final state."""
+  w, u, m = delta_chunk.wy_factors(k, v, beta, b, chunk=cfg.chunk)
+  states, delta, final = delta_scan.forward_scan(w, u, k, b, h0, chunk=cfg.chunk, block_v=cfg.block_v)
+  return w, m, states, delta, final
+
+
+def _forward(q, k, v, beta, b, h0, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+  """o [batch, T, heads, V] and the final state [batch, heads, K, V] fp32 (T a multiple of the chunk)."""
+  _, _, states, delta, final = _scan(k, v, beta, b, h0, cfg)
+  o = output.chunk_outputs(q, k, delta, b, states, None, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
+  return o, final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _delta_rule(q, k, v, beta, b, h0, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+  return _forward(q, k, v, beta, b, h0, cfg)
+
+
+def _delta_rule_fwd(q, k, v, beta, b, h0, cfg):
+  return _forward(q, k, v, beta, b, h0, cfg), (q, k, v, beta, b, h0)
+
+
+def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
+  """Gradients of (q, k, v, beta [.., 1], b, h0) from the cotangents of (o, final state)."""
+  q, k, v, beta, b, h0 = residuals
+  do, d_final = cotangents
+  do = do.astype(v.dtype)
+  w, m, states, delta, _ = _scan(k, v, beta, b, h0, cfg)
+  d_local = delta_chunk.local_value_grad(q, k, b, do, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
+  d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_local, d_final.astype(jnp.float32),
+                                                     chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v)
+  dq, dk, db = grads.query_key_grads(q, k, delta, do, b, states, d_states, scale=cfg.scale, chunk=cfg.chunk,
+                                     block_k=cfg.block_k)
+  dk_wy, dv, d_beta, db_wy = delta_chunk.wy_grads(k, v, beta, b, m, d_delta, states, chunk=cfg.chunk)
+  return dq, (dk + dk_wy).astype(k.dtype), dv, d_beta.astype(beta.dtype), db + db_wy, d_h0
+
+
+_delta_rule.defvjp(_delta_rule_fwd, _delta_rule_bwd)
+
+
+def _check(key_dim: int, value_dim: int, chunk_size: int) -> None:
+  """Raises ValueError, naming the size, unless the head dims are in HEAD_DIMS and the chunk a power of two
+  >= MIN_CHUNK."""
+  for name, size in (("key_dim", key_dim), ("value_dim", value_dim)):
+    if size not in HEAD_DIMS:
+      raise ValueError(f"impl='pallas' of delta_rule needs {name} in {HEAD_DIMS}, got {size}")
+  if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
+    raise ValueError(f"impl='pallas' of delta_rule needs chunk_size a power of two >= {MIN_CHUNK}, "
+                     f"got {chunk_size}")
+
+
+def supports(key_dim: int, value_dim: int, chunk_size: int) -> bool:
+  """Whether `pallas_delta_rule` takes these sizes (see `_check`)."""
+  try:
+    _check(key_dim, value_dim, chunk_size)
+  except ValueError:
+    return False
+  return True
+
+
+def _block_v(batch_heads: int, value_dim: int) -> int:
+  """Value block of the scans: narrow when wide blocks would give fewer than FEW_PROGRAMS programs."""
+  return NARROW_BLOCK_V if batch_heads * value_dim // WIDE_BLOCK_V < FEW_PROGRAMS else WIDE_BLOCK_V
+
+
+def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array, *,
+                      scale: float, initial_state: jax.Array | None = None,
+                      chunk_size: int = chunked.DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+  """Chunked delta rule on Pallas kernels; same results as `delta_naive.naive_delta_rule`.
+
+  Args:
+    q: queries [batch, seq, heads, key_dim].
+    k: keys [batch, seq, heads, key_dim].
+    v: values [batch, seq, heads, value_dim].
+    beta: write strength in [0, 1] [batch, seq, heads].
+    g: log decay (<= 0; -inf allowed) [batch, seq, heads, 1].
+    scale: output scale.
+    initial_state: optional [batch, heads, key_dim, value_dim].
+    chunk_size: C, a power of two >= 16; any seq works (zero padding at the end, which leaves the state as it
+      is: beta = 0 there).
+
+  Returns:
+    o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
+
+  Raises:
+    ValueError: key_dim or value_dim not in HEAD_DIMS, or chunk_size not a power of two >= 16.
+  """
+  batch, seq_len, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  _check(key_dim, value_dim, chunk_size)
+  h0 = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
+  pad = -seq_len % chunk_size
+  q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
+  cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
+                block_v=_block_v(batch * heads, value_dim))
+  o, final_state = _delta_rule(q, k, v, beta[..., None], recurrence._chunk_cumsum(g, chunk_size), h0, cfg)
+  return o[:, :seq_len], final_state

@@ -1,0 +1,182 @@
+"""The delta rule's per-chunk kernels, all chunks in parallel: one program per (chunk, batch * head, block).
+
+`wy_factors` forms, per chunk, L = strictly_lower(diag(beta) G) with G_ij = (k_i . k_j) e^{b_i - b_j}, the inverse
+M = (I + L)^{-1} by forward substitution in fp32, and W = M (beta * K e^b), U = M (beta * V) (the WY factors of
+`linmoe.kernels.delta_chunked`). `wy_grads` takes the cotangents dU = dDelta and dW = -dDelta S_n^T back to k, v,
+beta and b:
+  dV = beta * M^T dU,  d(K e^b) = beta * M^T dW,  dbeta = rowsum(M^T dU * V + M^T dW * K e^b) + rowsum(dL * G),
+  dM = dU (beta V)^T + dW (beta K e^b)^T,  dL = strictly_lower(-M^T dM M^T),  dG = beta * dL,
+  dK += (dG Gamma) K + (dG Gamma)^T K,  db += rowsum(dG * G) - colsum(dG * G) + rowsum(d(K e^b) * K e^b).
+`local_value_grad` gives the intra-chunk part of dL/dDelta, scale (Q K^T * Gamma * causal)^T dO, that the
+backward scan (`delta_scan.backward_scan`) completes with the state's part.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from linmoe.kernels.pallas import _platform, _tile
+
+_CHUNK, _FEATURE, _FIRST = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
+WY_NUM_WARPS = 8
+
+
+def _strict_gram(k: jax.Array, b: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """G_ij = (k_i . k_j) e^{b_i - b_j} for j < i, else 0, and the decays Gamma_ij = e^{b_i - b_j} (j < i, else 0).
+
+  Args: k [C, K], b [C, 1] fp32; returns two [C, C] fp32.
+  """
+  chunk = k.shape[0]
+  strict = _tile.row_ids(chunk) > _tile.col_ids(chunk)
+  decay = _tile.masked_exp(strict, b - jnp.transpose(b))
+  return _tile.dot(k, k, dtype, trans_b=True) * decay, decay
+
+
+def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
+  """(I + lower)^{-1} of a strictly lower triangular [C, C] fp32 by forward substitution, one row at a time:
+  row i of the inverse is e_i - sum_{j<i} lower_ij (row j of the inverse)."""
+  chunk = lower.shape[0]
+  rows, cols = _tile.row_ids(chunk), _tile.col_ids(chunk)
+  lower_t = jnp.transpose(lower)
+
+  def body(i, inverse):
+    coefficients = jnp.sum(jnp.where(cols == i, lower_t, 0.0), axis=1, keepdims=True)  # [C, 1]: lower_ij
+    update = jnp.sum(coefficients * inverse, axis=0, keepdims=True)  # [1, C]
+    return inverse - jnp.where(rows == i, update, 0.0)
+
+  return lax.fori_loop(1, chunk, body, (rows == cols).astype(_tile.F32))
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, b_ref, w_ref, u_ref, m_ref, *, dtype: jnp.dtype) -> None:
+  """Refs: k [C, K], v [C, V], beta [C, 1], b [C, 1] fp32; outputs W [C, K], U [C, V], M [C, C] fp32."""
+  k, b, beta = k_ref[...], b_ref[...], beta_ref[...].astype(_tile.F32)
+  gram, _ = _strict_gram(k, b, dtype)
+  inverse = _unit_lower_inverse(beta * gram)
+  m_ref[...] = inverse
+  w_ref[...] = _tile.dot(inverse, beta * k.astype(_tile.F32) * jnp.exp(b), dtype).astype(w_ref.dtype)
+  u_ref[...] = _tile.dot(inverse, beta * v_ref[...].astype(_tile.F32), dtype).astype(u_ref.dtype)
+
+
+def _wy_grads_kernel(k_ref, v_ref, beta_ref, b_ref, m_ref, dd_ref, s_ref, dk_ref, dv_ref, dbeta_ref, db_ref, *,
+                     dtype: jnp.dtype) -> None:
+  """Refs: k [C, K], v [C, V], beta [C, 1], b [C, 1] fp32, M [C, C] fp32, dDelta [C, V] fp32, S_n [K, V] fp32;
+  outputs dk [C, K] fp32 (the WY part), dv [C, V], dbeta [C, 1] fp32, db [C, 1] fp32 (the WY part)."""
+  k, v, b, m = k_ref[...].astype(_tile.F32), v_ref[...].astype(_tile.F32), b_ref[...], m_ref[...]
+  beta, d_u = beta_ref[...].astype(_tile.F32), dd_ref[...]
+  d_w = -_tile.dot(d_u, s_ref[...], dtype, trans_b=True)  # [C, K]
+  k_decayed = k * jnp.exp(b)
+  mt_du = _tile.dot(m, d_u, dtype, trans_a=True)
+  mt_dw = _tile.dot(m, d_w, dtype, trans_a=True)
+  d_m = _tile.dot(d_u, beta * v, dtype, trans_b=True) + _tile.dot(d_w, beta * k_decayed, dtype, trans_b=True)
+  d_lower = -_tile.dot(_tile.dot(m, d_m, dtype, trans_a=True), m, dtype, trans_b=True)
+  gram, decay = _strict_gram(k_ref[...], b, dtype)
+  chunk = k.shape[0]
+  d_lower = jnp.where(_tile.row_ids(chunk) > _tile.col_ids(chunk), d_lower, 0.0)
+  d_gram = beta * d_lower
+  dk_decayed = beta * mt_dw
+  d_scores = d_gram * decay
+  dk = (_tile.dot(d_scores, k, dtype) + _tile.dot(d_scores, k, dtype, trans_a=True)
+        + dk_decayed * jnp.exp(b))
+  d_pairs = d_gram * gram
+  db = (jnp.sum(d_pairs, axis=1, keepdims=True) - jnp.transpose(jnp.sum(d_pairs, axis=0, keepdims=True))
+        + jnp.sum(dk_decayed * k_decayed, axis=1, keepdims=True))
+  dbeta_ref[...] = (jnp.sum(mt_du * v, axis=1, keepdims=True) + jnp.sum(mt_dw * k_decayed, axis=1, keepdims=True)
+                    + jnp.sum(d_lower * gram, axis=1, keepdims=True))
+  dk_ref[...] = dk
+  dv_ref[...] = (beta * mt_du).astype(dv_ref.dtype)
+  db_ref[...] = db
+
+
+def wy_factors(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, *,
+               chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """W, U and M = (I + L)^{-1} of every chunk (module docstring).
+
+  Args:
+    k: keys [batch, T, heads, K], T a multiple of chunk.
+    v: values [batch, T, heads, V].
+    beta: write strength [batch, T, heads, 1].
+    b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
+    chunk: C.
+
+  Returns:
+    W [batch, T, heads, K] in k's dtype, U [batch, T, heads, V] in v's dtype, M [batch, T, heads, C] fp32
+    (row i of chunk n's M at token n C + i).
+  """
+  batch, seq, heads, key_dim = k.shape
+  value_dim = v.shape[-1]
+  call = _platform.pallas_call(
+      functools.partial(_wy_kernel, dtype=k.dtype), name="linmoe_delta_wy", grid=(seq // chunk, batch * heads, 1),
+      num_warps=WY_NUM_WARPS,
+      in_specs=[_tile.token_spec(heads, chunk, width, _CHUNK, _FIRST) for width in (key_dim, value_dim, 1, 1)],
+      out_specs=[_tile.token_spec(heads, chunk, width, _CHUNK, _FIRST) for width in (key_dim, value_dim, chunk)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)])
+  w, u, m = call(k, v, beta, b)
+  return w, u, m
+
+
+def wy_grads(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, m: jax.Array, d_delta: jax.Array,
+             states: jax.Array, *, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The WY factors' part of the gradients, from dU = dDelta and dW = -dDelta S_n^T (module docstring).
+
+  Args:
+    k, v, beta, b: as `wy_factors`.
+    m: M of `wy_factors` [batch, T, heads, C] fp32.
+    d_delta: dL/dDelta [batch, T, heads, V] fp32.
+    states: S_n, the state entering each chunk [batch, T / C, heads, K, V] fp32.
+    chunk: C.
+
+  Returns:
+    dk [batch, T, heads, K] fp32 (WY part), dv [batch, T, heads, V] in v's dtype, dbeta [batch, T, heads, 1]
+    fp32, db [batch, T, heads, 1] fp32 (WY part).
+  """
+  batch, seq, heads, key_dim = k.shape
+  value_dim = v.shape[-1]
+  token = lambda width: _tile.token_spec(heads, chunk, width, _CHUNK, _FIRST)  # noqa: E731
+  call = _platform.pallas_call(
+      functools.partial(_wy_grads_kernel, dtype=k.dtype), name="linmoe_delta_wy_grads",
+      grid=(seq // chunk, batch * heads, 1), num_warps=WY_NUM_WARPS,
+      in_specs=[token(key_dim), token(value_dim), token(1), token(1), token(chunk), token(value_dim),
+                _tile.chunk_state_spec(heads, None, key_dim, value_dim, _CHUNK, _FIRST, _FIRST)],
+      out_specs=[token(key_dim), token(value_dim), token(1), token(1)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, _tile.F32), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(b.shape, _tile.F32), jax.ShapeDtypeStruct(b.shape, _tile.F32)])
+  dk, dv, dbeta, db = call(k, v, beta, b, m, d_delta, states)
+  return dk, dv, dbeta, db
+
+
+def _local_value_grad_kernel(q_ref, k_ref, b_ref, do_ref, out_ref, *, scale: float, dtype: jnp.dtype) -> None:
+  """Refs: q, k [C, K], b [C, 1] fp32, do [C, BV]; output [C, BV] fp32."""
+  scores = _tile.scalar_decay_scores(q_ref[...], k_ref[...], b_ref[...], dtype)
+  out_ref[...] = scale * _tile.dot(scores, do_ref[...], dtype, trans_a=True)
+
+
+def local_value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, *, scale: float, chunk: int,
+                     block_v: int) -> jax.Array:
+  """scale (Q K^T * Gamma * causal)^T dO of every chunk.
+
+  Args:
+    q, k: [batch, T, heads, K], T a multiple of chunk.
+    b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
+    do: output cotangent [batch, T, heads, V].
+    scale: output scale.
+    chunk: C.
+    block_v: value block of one program, dividing V.
+
+  Returns:
+    [batch, T, heads, V] fp32.
+  """
+  batch, seq, heads, key_dim = q.shape
+  value_dim = do.shape[-1]
+  call = _platform.pallas_call(
+      functools.partial(_local_value_grad_kernel, scale=scale, dtype=q.dtype), name="linmoe_delta_dv_local",
+      grid=(seq // chunk, batch * heads, value_dim // block_v),
+      in_specs=[_tile.token_spec(heads, chunk, key_dim, _CHUNK, _FIRST)] * 2
+      + [_tile.token_spec(heads, chunk, 1, _CHUNK, _FIRST),
+         _tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)],
+      out_specs=[_tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)],
+      out_shape=[jax.ShapeDtypeStruct(do.shape, _tile.F32)])
+  (d_local,) = call(q, k, b, do)
+  return d_local

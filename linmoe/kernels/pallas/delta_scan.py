@@ -1,0 +1,146 @@
+"""The delta rule's passes over chunks: one program per (batch * head, value block) scans the chunks in order.
+
+With `b` the cumulative log decay inside each chunk, `B = b_C` its last entry, W and U the chunk's WY factors
+(`linmoe.kernels.delta_chunked`) and S_n the fp32 state entering chunk n:
+  forward:  Delta_n = U_n - W_n S_n,   S_{n+1} = e^B S_n + (K e^{B - b})^T Delta_n;
+  backward, from dS = dL/dS_{n+1} and the intra-chunk part dDelta^loc = scale (Q K^T * Gamma)^T dO:
+            dDelta_n = dDelta^loc_n + (K e^{B - b}) dS,   dL/dS_n = e^B dS + scale (Q e^b)^T dO_n - W_n^T dDelta_n.
+Delta needs all of S's key rows, so a program holds the full key dimension and one block of value columns.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from linmoe.kernels.pallas import _platform, _tile
+
+# Pipelining depth of the loop over chunks on the GPU, by input itemsize: fp32 tiles of whole key rows at
+# three stages overflow an H100's shared memory.
+NUM_STAGES = {2: 3, 4: 1}
+
+
+def _chunk_rows(n: jax.Array, chunk: int, b_ref) -> tuple:
+  """Row slice of chunk n, its cumulative log decay b [C, 1] and total decay B [1, 1] (fp32)."""
+  start = pl.multiple_of(n * chunk, chunk)
+  return pl.ds(start, chunk), b_ref[pl.ds(start, chunk), :], b_ref[pl.ds(start + chunk - 1, 1), :]
+
+
+def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, states_ref, delta_ref, final_ref, *, chunk: int,
+                    dtype: jnp.dtype) -> None:
+  """Refs: w, k [T, K], u [T, BV], b [T, 1] fp32, s0 [K, BV] fp32; outputs states [N, K, BV] fp32 (the state
+  entering each chunk), delta [T, BV] and final [K, BV] fp32."""
+
+  def body(n, state):
+    rows, b, b_end = _chunk_rows(n, chunk, b_ref)
+    states_ref[n] = state
+    delta = u_ref[rows, :].astype(_tile.F32) - _tile.dot(w_ref[rows, :], state, dtype)
+    delta_ref[rows, :] = delta.astype(delta_ref.dtype)
+    k_decayed = k_ref[rows, :].astype(_tile.F32) * jnp.exp(b_end - b)
+    return jnp.exp(b_end) * state + _tile.dot(k_decayed, delta, dtype, trans_a=True)
+
+  final_ref[...] = lax.fori_loop(0, states_ref.shape[0], body, s0_ref[...])
+
+
+def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, dloc_ref, ds_ref, d_states_ref, d_delta_ref, d_s0_ref,
+                     *, chunk: int, scale: float, dtype: jnp.dtype) -> None:
+  """Refs: q, k, w [T, K], b [T, 1] fp32, do [T, BV], dloc [T, BV] fp32, ds [K, BV] fp32 (d final state);
+  outputs d_states [N, K, BV] fp32 (dL/dS_{n+1} of chunk n), d_delta [T, BV] fp32 and d_s0 [K, BV] fp32."""
+  n_chunks = d_states_ref.shape[0]
+
+  def body(step, d_state):
+    n = n_chunks - 1 - step
+    rows, b, b_end = _chunk_rows(n, chunk, b_ref)
+    d_states_ref[n] = d_state
+    k_decayed = k_ref[rows, :].astype(_tile.F32) * jnp.exp(b_end - b)
+    d_delta = dloc_ref[rows, :] + _tile.dot(k_decayed, d_state, dtype)
+    d_delta_ref[rows, :] = d_delta
+    q_decayed = q_ref[rows, :].astype(_tile.F32) * (scale * jnp.exp(b))
+    return (jnp.exp(b_end) * d_state + _tile.dot(q_decayed, do_ref[rows, :], dtype, trans_a=True)
+            - _tile.dot(w_ref[rows, :], d_delta, dtype, trans_a=True))
+
+  d_s0_ref[...] = lax.fori_loop(0, n_chunks, body, ds_ref[...])
+
+
+_WHOLE, _BLOCK = (lambda i, j: 0), (lambda i, j: j)
+
+
+def _specs(heads: int, seq: int, n_chunks: int, key_dim: int, block_v: int) -> dict:
+  """Block specs of the scans' operands by kind: whole key rows, value blocks, decay, states."""
+  return {
+      "keys": _tile.token_spec(heads, seq, key_dim, _WHOLE, _WHOLE),
+      "values": _tile.token_spec(heads, seq, block_v, _WHOLE, _BLOCK),
+      "decay": _tile.token_spec(heads, seq, 1, _WHOLE, _WHOLE),
+      "state": _tile.head_state_spec(heads, key_dim, block_v, _WHOLE, _BLOCK),
+      "states": _tile.chunk_state_spec(heads, n_chunks, key_dim, block_v, _WHOLE, _WHOLE, _BLOCK),
+  }
+
+
+def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial: jax.Array, *, chunk: int,
+                 block_v: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Chunk-entry states, corrected values Delta and the final state.
+
+  Args:
+    w: W = T (K * e^b) [batch, T, heads, K] (the inputs' dtype), T a multiple of chunk.
+    u: U = T V [batch, T, heads, V].
+    k: keys [batch, T, heads, K].
+    b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
+    initial: initial state [batch, heads, K, V] fp32.
+    chunk: C.
+    block_v: value block of one program, dividing V.
+
+  Returns:
+    states [batch, T / C, heads, K, V] fp32, Delta [batch, T, heads, V] in u's dtype, final state
+    [batch, heads, K, V] fp32.
+  """
+  batch, seq, heads, key_dim = k.shape
+  value_dim = u.shape[-1]
+  n_chunks = seq // chunk
+  spec = _specs(heads, seq, n_chunks, key_dim, block_v)
+  call = _platform.pallas_call(
+      functools.partial(_forward_kernel, chunk=chunk, dtype=u.dtype), name="linmoe_delta_scan",
+      grid=(1, batch * heads, value_dim // block_v), num_stages=NUM_STAGES[u.dtype.itemsize],
+      in_specs=[spec["keys"], spec["values"], spec["keys"], spec["decay"], spec["state"]],
+      out_specs=[spec["states"], spec["values"], spec["state"]],
+      out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
+                 jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(initial.shape, _tile.F32)])
+  states, delta, final = call(w, u, k, b, initial)
+  return states, delta, final
+
+
+def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: jax.Array, d_local: jax.Array,
+                  d_final: jax.Array, *, chunk: int, scale: float,
+                  block_v: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Gradients of the chunk-leaving states, of Delta, and of the initial state.
+
+  Args:
+    q, k, w: [batch, T, heads, K] (the inputs' dtype), T a multiple of chunk.
+    b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
+    do: output cotangent [batch, T, heads, V].
+    d_local: scale (Q K^T * Gamma)^T dO of every chunk [batch, T, heads, V] fp32.
+    d_final: cotangent of the final state [batch, heads, K, V] fp32.
+    chunk: C.
+    scale: output scale.
+    block_v: value block of one program, dividing V.
+
+  Returns:
+    d_states [batch, T / C, heads, K, V] fp32 (entry n: dL/dS_{n+1}), dDelta [batch, T, heads, V] fp32,
+    dL/d initial state [batch, heads, K, V] fp32.
+  """
+  batch, seq, heads, key_dim = k.shape
+  value_dim = do.shape[-1]
+  n_chunks = seq // chunk
+  spec = _specs(heads, seq, n_chunks, key_dim, block_v)
+  call = _platform.pallas_call(
+      functools.partial(_backward_kernel, chunk=chunk, scale=scale, dtype=do.dtype),
+      name="linmoe_delta_scan_bwd", grid=(1, batch * heads, value_dim // block_v),
+      num_stages=NUM_STAGES[do.dtype.itemsize],
+      in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["values"],
+                spec["state"]],
+      out_specs=[spec["states"], spec["values"], spec["state"]],
+      out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
+                 jax.ShapeDtypeStruct(do.shape, _tile.F32), jax.ShapeDtypeStruct(d_final.shape, _tile.F32)])
+  d_states, d_delta, d_initial = call(q, k, w, b, do, d_local, d_final)
+  return d_states, d_delta, d_initial

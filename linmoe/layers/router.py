@@ -1,7 +1,9 @@
-"""MoE routers and their auxiliary losses.
+"""MoE routers, their auxiliary losses, and the bookkeeping of routed slots.
 
 softmax: probabilities over experts, then top-k (Mixtral, Qwen2-MoE), optionally renormalized.
 sigmoid: independent sigmoid scores, top-k, weights renormalized (DeepSeek-V3 style).
+A token's k choices are its slots; slot s = token * k + j. Dispatch sorts slots by expert
+(`sort_slots`) and combines their results with the routing weights (`combine`).
 """
 from typing import NamedTuple
 
@@ -48,3 +50,33 @@ def router_losses(logits: jnp.ndarray, routing: Routing) -> dict:
   z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
   return {"moe_lb_loss": balance, "moe_z_loss": z_loss, "moe_max_load": jnp.max(load) * num_experts,
           "moe_expert_load": load}
+
+
+class SortedSlots(NamedTuple):
+  """The [tokens, k] slots sorted by expert (stable: token order within an expert)."""
+  order: jnp.ndarray  # [slots] slot index at each sorted position
+  group_sizes: jnp.ndarray  # [experts] int32 slots per expert
+  rank: jnp.ndarray  # [slots] rank of each sorted slot within its expert's group
+  experts: jnp.ndarray  # [slots] expert of each sorted slot
+
+
+def sort_slots(experts: jnp.ndarray, num_experts: int) -> SortedSlots:
+  """experts [tokens, k] int32 -> the slots sorted by expert, without a [slots, experts] one-hot."""
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  sorted_experts = flat[order]
+  rank = jnp.arange(flat.size) - starts[sorted_experts]
+  return SortedSlots(order, group_sizes, rank, sorted_experts)
+
+
+def capacity(slots: int, num_experts: int, factor: float) -> int:
+  """Slots each expert takes in capacity mode: ceil(factor * slots / experts), at least 1."""
+  return max(1, int(-(-factor * slots // num_experts)))
+
+
+def combine(ys: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+  """ys [tokens * k, d] in slot order, weights [tokens, k] -> [tokens, d] weighted sums in ys's dtype."""
+  ys = ys.reshape(*weights.shape, ys.shape[-1])
+  return jnp.sum(ys * weights[..., None].astype(ys.dtype), axis=1)

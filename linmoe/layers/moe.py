@@ -6,7 +6,8 @@ Dispatch modes (`model.moe.dispatch`):
 - capacity: each expert takes at most ceil(factor * slots / experts) slots (factor
   `capacity_factor_train` in training, `capacity_factor_eval` otherwise), in token order; slots past
   capacity are dropped (they contribute zero) and their share is reported as `moe_dropped_frac`.
-Neither mode builds a [tokens, experts] one-hot: both sort the slots once and unsort once.
+Neither mode builds a [tokens, experts] one-hot: the slots are sorted once, and tokens reach their
+slots and results come back by one row gather each way (`move_rows`, whose gradients are gathers too).
 When the ambient mesh's "expert" axis is larger than 1, the experts are split over it and the slots
 travel by all_to_all (`linmoe.parallel.expert`), with the same results.
 """
@@ -20,16 +21,18 @@ from linmoe import kernels
 from linmoe.config import ModelConfig
 from linmoe.layers.common import compute_dtype
 from linmoe.layers.mlp import SwiGLU
-from linmoe.layers.router import capacity, combine, route, router_losses, sort_slots
+from linmoe.layers.router import capacity, combine, move_rows, route, router_losses, sort_slots
 from linmoe.parallel import expert
 
 
 def grouped_swiglu(xs: jnp.ndarray, weights: tuple, group_sizes: jnp.ndarray, impl: str) -> jnp.ndarray:
   """SwiGLU experts on rows xs [rows, D] sorted by expert; weights (gate, up [E, D, F], down [E, F, D]);
-  group_sizes [E]. Rows past the sum of the group sizes give zeros."""
+  group_sizes [E]. Rows past the sum of the group sizes give zeros. Gate and up run as one grouped
+  matmul with N = 2F (x read once, one input-gradient kernel)."""
   w_gate, w_up, w_down = weights
   gmm = lambda a, w: kernels.grouped_matmul(a, w, group_sizes, impl=impl)
-  return gmm(jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up), w_down)
+  gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2)), 2, axis=1)
+  return gmm(jax.nn.silu(gate) * up, w_down)
 
 
 class MoE(nn.Module):
@@ -63,31 +66,38 @@ class MoE(nn.Module):
                                                 cap)
     else:
       slots = sort_slots(routing.experts, moe.num_experts)
-      xs = tokens[slots.order // moe.top_k]  # [N*k, D], sorted by expert
       if cap is None:
-        ys, dropped = grouped_swiglu(xs, weights, slots.group_sizes, moe.gmm_impl), None
+        xs = move_rows(tokens, slots.order, None, slots.inverse, None, moe.top_k)  # [N*k, D] sorted
+        ys = grouped_swiglu(xs, weights, slots.group_sizes, moe.gmm_impl)
+        ys, dropped = move_rows(ys, slots.inverse, None, slots.order, None), None  # slot order
       else:
-        ys, dropped = self._capacity(xs, weights, slots, cap)
-      out = combine(ys[jnp.argsort(slots.order)], routing.weights)
+        ys, dropped = self._capacity(tokens, weights, slots, cap)
+      out = combine(ys, routing.weights)
     if cap is not None:
       aux["moe_dropped_frac"] = dropped
     if moe.num_shared_experts:
       out = out + self._shared(tokens)
     return out.reshape(x.shape), aux
 
-  def _capacity(self, xs, weights, slots, cap):
-    """SwiGLU over an [experts, capacity, D] buffer; xs [slots, D] sorted by expert; slots past an
-    expert's capacity are dropped. Returns ([slots, D] sorted, the fraction dropped)."""
-    keep = slots.rank < cap
-    row = jnp.where(keep, slots.rank, cap)  # dropped slots go to a scratch row that is cut off
-    buffer = jnp.zeros((self.cfg.moe.num_experts, cap + 1, xs.shape[1]), xs.dtype)
-    buffer = buffer.at[slots.experts, row].set(xs)[:, :cap]
+  def _capacity(self, tokens, weights, slots, cap):
+    """SwiGLU over an [experts, capacity, D] buffer: expert e takes its first `cap` slots in token
+    order, the rest are dropped. tokens [N, D]. Returns ([N*k, D] in slot order, the fraction dropped)."""
+    num_experts, num_slots = self.cfg.moe.num_experts, slots.order.shape[0]
+    column = jnp.arange(cap)
+    starts = jnp.cumsum(slots.group_sizes) - slots.group_sizes
+    filled = (column[None, :] < slots.group_sizes[:, None]).reshape(-1)  # [E * cap]
+    slot_of_row = slots.order[jnp.minimum(starts[:, None] + column, num_slots - 1).reshape(-1)]
+    rank = slots.rank[slots.inverse]  # [N*k] rank of each slot within its expert, in slot order
+    kept = rank < cap
+    row_of_slot = slots.experts[slots.inverse] * cap + jnp.minimum(rank, cap - 1)
+    buffer = move_rows(tokens, slot_of_row, filled, row_of_slot, kept, self.cfg.moe.top_k)
+    buffer = buffer.reshape(num_experts, cap, -1)
     w_gate, w_up, w_down = weights
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate)) * jnp.einsum(
         "ecd,edf->ecf", buffer, w_up)
-    out = jnp.einsum("ecf,efd->ecd", h, w_down)
-    ys = jnp.where(keep[:, None], out[slots.experts, jnp.minimum(row, cap - 1)], 0)
-    return ys, 1.0 - jnp.mean(keep.astype(jnp.float32))
+    out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * cap, -1)
+    ys = move_rows(out, row_of_slot, kept, slot_of_row, filled)
+    return ys, 1.0 - jnp.mean(kept.astype(jnp.float32))
 
   def _shared(self, tokens):
     """Shared experts, applied to every token: one SwiGLU of width num_shared * shared_d_ff, with a

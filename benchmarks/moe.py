@@ -26,6 +26,7 @@ import numpy as np
 from linmoe import kernels
 from linmoe.config import ModelConfig, default_config
 from linmoe.kernels import grouped_matmul_pallas as gmp
+from linmoe.layers import moe as moe_layer
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.moe import MoE
 
@@ -207,9 +208,14 @@ def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None) -> list[dict
       ("moe capacity 1.25", MoE(layer_config(shape, "capacity", "auto"))),
       ("dense swiglu", SwiGLU(layer_config(shape, "dropless", "auto"), d_ff=shape.top_k * shape.d_ff)),
   ]
+  # Diagnostic: the dropless layer with its expert function replaced by the identity, i.e. the router,
+  # permutation and combine alone (the expert weights then get no gradient).
+  layers.append(("moe dropless, no experts", MoE(layer_config(shape, "dropless", "auto"))))
   rows = []
   for name, layer in layers:
     params = layer.init(kp, x)["params"]
+    if name.endswith("no experts"):
+      moe_layer.grouped_swiglu = lambda xs, *_: xs
     apply = lambda p, a, layer=layer: jax.tree.leaves(layer.apply({"params": p}, a))[0]
 
     def forward_backward(p, a, apply=apply):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from linmoe.layers.router import combine, sort_slots
+from linmoe.layers.router import combine, move_rows, sort_slots
 from linmoe.parallel.mesh import BATCH_AXES, axis_size
 
 EXPERT_AXIS = "expert"
@@ -67,27 +67,29 @@ def _local_moe(tokens, experts, weights, params, *, ffn: ExpertFn, capacity: int
   start_in_buffer = _exclusive_cumsum(sent_by_shard, 1).reshape(-1)  # [E] first row in its buffer
   start_sorted = _exclusive_cumsum(sizes, 0)  # [E] first sorted position of each expert
 
-  # Send buffer [shards, n * k, D]: row r for shard j is its local expert e's (r - start)-th kept slot.
+  # Send buffer [shards, n * k, D]: row r for shard j is its local expert e's (r - start)-th kept slot;
+  # slot s, kept, sits in buffer row `at`. Rows move by `move_rows`, whose gradients are gathers too.
   row = jnp.arange(num_slots)
-  local = jax.vmap(_segment_of, in_axes=(None, 0))(row, sent_by_shard)  # [shards, slots]
-  expert = jnp.arange(shards)[:, None] * num_local + jnp.minimum(local, num_local - 1)
-  position = start_sorted[expert] + row - start_in_buffer[expert]
+  local = jax.vmap(_segment_of, in_axes=(None, 0))(row, sent_by_shard).reshape(-1)  # [shards * slots]
+  filled = local < num_local
+  expert = jnp.repeat(jnp.arange(shards), num_slots) * num_local + jnp.minimum(local, num_local - 1)
+  position = start_sorted[expert] + jnp.tile(row, shards) - start_in_buffer[expert]
   slot = slots.order[jnp.minimum(position, num_slots - 1)]
-  send = jnp.where((local < num_local)[..., None], tokens[slot // experts.shape[1]], 0)
+  flat = experts.reshape(-1)
+  rank = slots.rank[slots.inverse]  # [slots] rank within the expert, in slot order
+  kept = rank < sent[flat]
+  at = (flat // num_local) * num_slots + start_in_buffer[flat] + jnp.where(kept, rank, 0)
+  send = move_rows(tokens, slot, filled, at, kept, experts.shape[1])
 
-  received = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [sources, slots, D]
+  received = jax.lax.all_to_all(send.reshape(shards, num_slots, -1), EXPERT_AXIS, 0, 0)
   counts = jax.lax.all_to_all(sent_by_shard, EXPERT_AXIS, 0, 0)  # [sources, local experts]
   local_of_row = jax.vmap(_segment_of, in_axes=(None, 0))(row, counts).reshape(-1)
   by_expert = jnp.argsort(local_of_row, stable=True)  # received rows grouped by local expert
-  ys = ffn(received.reshape(-1, tokens.shape[1])[by_expert], params, jnp.sum(counts, 0))
-  returned = jax.lax.all_to_all(ys[jnp.argsort(by_expert)].reshape(send.shape), EXPERT_AXIS, 0, 0)
-
-  # Each slot reads its result from the buffer row it was sent in; dropped slots give zero.
-  flat = experts.reshape(-1)
-  rank = slots.rank[jnp.argsort(slots.order)]  # [slots] rank within the expert, in slot order
-  kept = rank < sent[flat]
-  at = (flat // num_local) * num_slots + start_in_buffer[flat] + jnp.where(kept, rank, 0)
-  ys = jnp.where(kept[:, None], returned.reshape(-1, tokens.shape[1])[at], 0)
+  unsort = jnp.argsort(by_expert)
+  xs = move_rows(received.reshape(send.shape), by_expert, None, unsort, None)
+  ys = move_rows(ffn(xs, params, jnp.sum(counts, 0)), unsort, None, by_expert, None)
+  returned = jax.lax.all_to_all(ys.reshape(received.shape), EXPERT_AXIS, 0, 0).reshape(send.shape)
+  ys = move_rows(returned, at, kept, slot, filled)  # [slots, D]; dropped slots give zero
   dropped = jax.lax.psum(jnp.sum(sizes - sent), axes) / jax.lax.psum(num_slots, axes)
   return combine(ys, weights), dropped.astype(jnp.float32)
 

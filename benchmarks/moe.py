@@ -12,12 +12,14 @@ Prints tables and writes JSON to --out.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -214,36 +216,45 @@ def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None) -> list[dict
   rows = []
   for name, layer in layers:
     params = layer.init(kp, x)["params"]
-    if name.endswith("no experts"):
-      moe_layer.grouped_swiglu = lambda xs, *_: xs
-    apply = lambda p, a, layer=layer: jax.tree.leaves(layer.apply({"params": p}, a))[0]
+    with contextlib.ExitStack() as stack:
+      if name.endswith("no experts"):
+        stack.enter_context(mock.patch.object(moe_layer, "grouped_swiglu", lambda xs, *_: xs))
+      rows += _time_layer(name, layer, params, x, cotangent, flops, big, hlo_dir)
+  return rows
 
-    def forward_backward(p, a, apply=apply):
-      out, vjp = jax.vjp(apply, p, a)
-      return out, vjp(cotangent)
 
-    for mode, fn, mode_flops in [("fwd", jax.jit(apply), flops),
-                                 ("fwd+bwd", jax.jit(forward_backward), 3 * flops)]:
-      row = {"layer": name, "mode": mode}
-      try:
-        compiled = fn.lower(params, x).compile()
-        row.update(memory_mib(compiled))
-        if name.startswith("moe"):
-          hlo = compiled.as_text()
-          row["hlo_arrays"] = large_arrays(hlo, big)
-          if hlo_dir:
-            with open(f"{hlo_dir}/{name.replace(' ', '_').replace(',', '')}_{mode}.hlo.txt", "w") as f:
-              f.write(hlo)
-        row["ms"] = time_ms(compiled, params, x)
-      except jax.errors.JaxRuntimeError as e:  # ragged_dot's backward can run out of memory.
-        rows.append({**row, "error": str(e).splitlines()[0]})
-        print(f"  {name:<26} {mode:<8} failed: {rows[-1]['error'][:200]}", flush=True)
-        continue
-      rows.append({**row, "tflops": mode_flops / row["ms"] / 1e9})
-      print(f"  {name:<26} {mode:<8} {row['ms']:8.3f} ms {rows[-1]['tflops']:6.1f} TFLOP/s "
-            f"temp {row['temp_mib']} MiB", flush=True)
-      for shape_name, found in row.get("hlo_arrays", {}).items():
-        print(f"    {len(found)} x {shape_name}: {'; '.join(found)}", flush=True)
+def _time_layer(name: str, layer, params, x: jax.Array, cotangent: jax.Array, flops: float,
+                big: dict[str, str], hlo_dir: str | None) -> list[dict]:
+  """The forward and forward+backward rows of one layer (see `run_layers`)."""
+  rows = []
+  apply = lambda p, a, layer=layer: jax.tree.leaves(layer.apply({"params": p}, a))[0]
+
+  def forward_backward(p, a, apply=apply):
+    out, vjp = jax.vjp(apply, p, a)
+    return out, vjp(cotangent)
+
+  for mode, fn, mode_flops in [("fwd", jax.jit(apply), flops),
+                               ("fwd+bwd", jax.jit(forward_backward), 3 * flops)]:
+    row = {"layer": name, "mode": mode}
+    try:
+      compiled = fn.lower(params, x).compile()
+      row.update(memory_mib(compiled))
+      if name.startswith("moe"):
+        hlo = compiled.as_text()
+        row["hlo_arrays"] = large_arrays(hlo, big)
+        if hlo_dir:
+          with open(f"{hlo_dir}/{name.replace(' ', '_').replace(',', '')}_{mode}.hlo.txt", "w") as f:
+            f.write(hlo)
+      row["ms"] = time_ms(compiled, params, x)
+    except jax.errors.JaxRuntimeError as e:  # ragged_dot's backward can run out of memory.
+      rows.append({**row, "error": str(e).splitlines()[0]})
+      print(f"  {name:<26} {mode:<8} failed: {rows[-1]['error'][:200]}", flush=True)
+      continue
+    rows.append({**row, "tflops": mode_flops / row["ms"] / 1e9})
+    print(f"  {name:<26} {mode:<8} {row['ms']:8.3f} ms {rows[-1]['tflops']:6.1f} TFLOP/s "
+          f"temp {row['temp_mib']} MiB", flush=True)
+    for shape_name, found in row.get("hlo_arrays", {}).items():
+      print(f"    {len(found)} x {shape_name}: {'; '.join(found)}", flush=True)
   return rows
 
 

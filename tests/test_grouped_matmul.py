@@ -17,7 +17,7 @@ from linmoe.kernels import grouped_matmul_pallas
 
 ROWS, K, N, GROUPS = 37, 24, 40, 5
 TILE_16 = grouped_matmul_pallas.Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
-CONFIG_16 = grouped_matmul_pallas.Config(forward=TILE_16, weight_grad=TILE_16)
+CONFIG_16 = grouped_matmul_pallas.Config(forward=TILE_16, input_grad=TILE_16, weight_grad=TILE_16)
 # Group sizes (sum <= ROWS): uneven with a group of one row, empty groups with rows past the sum, one group
 # holding every row, and no rows in any group.
 LAYOUTS = {

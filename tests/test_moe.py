@@ -6,7 +6,7 @@ import pytest
 
 from linmoe.config import ModelConfig, default_config
 from linmoe.layers.moe import MoE, capacity
-from linmoe.layers.router import route, router_losses
+from linmoe.layers.router import move_rows, route, router_losses
 
 D_MODEL, TOKENS = 16, 18
 
@@ -117,3 +117,25 @@ def test_sigmoid_router_weights_sum_to_one_when_renormalized():
   routing = route(logits, "sigmoid", 3, True)
   np.testing.assert_allclose(routing.weights.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose(routing.probs.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_move_rows_gradient_equals_the_plain_gather(repeat):
+  """A partial one-to-one map of repeated rows (some out rows empty, some repeated rows unused)."""
+  rng = np.random.default_rng(repeat)
+  rows, out_rows = 5, 7
+  sources = rng.permutation(rows * repeat)[:4]  # repeated rows that land somewhere
+  index = np.zeros(out_rows, np.int32)
+  valid = np.zeros(out_rows, bool)
+  targets = rng.permutation(out_rows)[:4]
+  index[targets], valid[targets] = sources, True
+  back = np.zeros(rows * repeat, np.int32)
+  back_valid = np.zeros(rows * repeat, bool)
+  back[sources], back_valid[sources] = targets, True
+  x = jnp.asarray(rng.standard_normal((rows, 3)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((out_rows, 3)), jnp.float32)
+  plain = lambda a: jnp.where(valid[:, None], a[index // repeat], 0)
+  fast = lambda a: move_rows(a, index, valid, back, back_valid, repeat)
+  np.testing.assert_array_equal(fast(x), plain(x))
+  np.testing.assert_allclose(jax.vjp(fast, x)[1](cotangent)[0], jax.vjp(plain, x)[1](cotangent)[0],
+                             rtol=1e-6)

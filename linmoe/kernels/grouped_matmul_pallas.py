@@ -38,11 +38,12 @@ class Tiling:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tilings of the forward kernel (also used for dx) and of the weight-gradient kernel.
+  """Tilings of the forward kernel, of the same kernel computing dx, and of the weight-gradient kernel.
 
   The defaults were the fastest of benchmarks/moe.py --sweep on an H100 at the A0.3B-2B expert shape.
   """
   forward: Tiling = Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
+  input_grad: Tiling = Tiling(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4)
   weight_grad: Tiling = Tiling(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
 
 
@@ -259,7 +260,7 @@ def _grouped_matmul_fwd(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 
 def _grouped_matmul_bwd(config: Config, residuals: tuple, dy: jax.Array) -> tuple:
   x, w, offsets = residuals
-  dx = gmm(dy, w, offsets, config.forward, transpose_rhs=True)
+  dx = gmm(dy, w, offsets, config.input_grad, transpose_rhs=True)
   dw = tgmm(x, dy, offsets, config.weight_grad, w.dtype)
   return dx, dw, None
 

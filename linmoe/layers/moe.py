@@ -6,8 +6,13 @@ Dispatch modes (`model.moe.dispatch`):
 - capacity: each expert takes at most ceil(factor * slots / experts) slots (factor
   `capacity_factor_train` in training, `capacity_factor_eval` otherwise), in token order; slots past
   capacity are dropped (they contribute zero) and their share is reported as `moe_dropped_frac`.
-Neither mode builds a [tokens, experts] one-hot: both sort the slots once and unsort once.
+Neither mode builds a [tokens, experts] one-hot: the slots are sorted once, and tokens reach their
+slots and results come back by one row gather each way (`move_rows`, whose gradients are gathers too).
+When the ambient mesh's "expert" axis is larger than 1, the experts are split over it and the slots
+travel by all_to_all (`linmoe.parallel.expert`), with the same results.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,23 +21,18 @@ from linmoe import kernels
 from linmoe.config import ModelConfig
 from linmoe.layers.common import compute_dtype
 from linmoe.layers.mlp import SwiGLU
-from linmoe.layers.router import route, router_losses
+from linmoe.layers.router import capacity, combine, move_rows, route, router_losses, sort_slots
+from linmoe.parallel import expert
 
 
-def sort_slots(experts: jnp.ndarray, num_experts: int):
-  """Sorts the [tokens, k] slots by expert; returns (order [slots], group sizes [experts],
-  rank of each sorted slot within its expert's group [slots])."""
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  starts = jnp.cumsum(group_sizes) - group_sizes
-  sorted_experts = flat[order]
-  rank = jnp.arange(flat.size) - starts[sorted_experts]
-  return order, group_sizes, rank, sorted_experts
-
-
-def capacity(slots: int, num_experts: int, factor: float) -> int:
-  return max(1, int(-(-factor * slots // num_experts)))
+def grouped_swiglu(xs: jnp.ndarray, weights: tuple, group_sizes: jnp.ndarray, impl: str) -> jnp.ndarray:
+  """SwiGLU experts on rows xs [rows, D] sorted by expert; weights (gate, up [E, D, F], down [E, F, D]);
+  group_sizes [E]. Rows past the sum of the group sizes give zeros. Gate and up run as one grouped
+  matmul with N = 2F (x read once, one input-gradient kernel)."""
+  w_gate, w_up, w_down = weights
+  gmm = lambda a, w: kernels.grouped_matmul(a, w, group_sizes, impl=impl)
+  gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2)), 2, axis=1)
+  return gmm(jax.nn.silu(gate) * up, w_down)
 
 
 class MoE(nn.Module):
@@ -57,40 +57,47 @@ class MoE(nn.Module):
     weights = tuple(self.param(n, init, s).astype(dtype) for n, s in (
         ("w_gate", shape_in), ("w_up", shape_in), ("w_down", shape_out)))
 
-    order, group_sizes, rank, sorted_experts = sort_slots(routing.experts, moe.num_experts)
-    xs = tokens[order // moe.top_k].astype(dtype)  # [N*k, D], sorted by expert
-    if moe.dispatch == "dropless":
-      ys = self._dropless(xs, weights, group_sizes)
+    tokens = tokens.astype(dtype)
+    factor = moe.capacity_factor_train if self.training else moe.capacity_factor_eval
+    cap = capacity(routing.experts.size, moe.num_experts, factor) if moe.dispatch == "capacity" else None
+    if expert.expert_parallel():
+      ffn = functools.partial(grouped_swiglu, impl=moe.gmm_impl)
+      out, dropped = expert.expert_parallel_moe(tokens, routing.experts, routing.weights, weights, ffn,
+                                                cap)
     else:
-      ys, dropped = self._capacity(xs, weights, rank, sorted_experts)
+      slots = sort_slots(routing.experts, moe.num_experts)
+      if cap is None:
+        xs = move_rows(tokens, slots.order, None, slots.inverse, None, moe.top_k)  # [N*k, D] sorted
+        ys = grouped_swiglu(xs, weights, slots.group_sizes, moe.gmm_impl)
+        ys, dropped = move_rows(ys, slots.inverse, None, slots.order, None), None  # slot order
+      else:
+        ys, dropped = self._capacity(tokens, weights, slots, cap)
+      out = combine(ys, routing.weights)
+    if cap is not None:
       aux["moe_dropped_frac"] = dropped
-    y = ys[jnp.argsort(order)].reshape(-1, moe.top_k, cfg.d_model)
-    out = jnp.sum(y * routing.weights[..., None].astype(dtype), axis=1)
     if moe.num_shared_experts:
-      out = out + self._shared(tokens.astype(dtype))
+      out = out + self._shared(tokens)
     return out.reshape(x.shape), aux
 
-  def _dropless(self, xs, weights, group_sizes):
-    """Grouped SwiGLU over ragged expert groups; xs [slots, D] sorted by expert."""
-    w_gate, w_up, w_down = weights
-    gmm = lambda a, w: kernels.grouped_matmul(a, w, group_sizes, impl=self.cfg.moe.gmm_impl)
-    return gmm(jax.nn.silu(gmm(xs, w_gate)) * gmm(xs, w_up), w_down)
-
-  def _capacity(self, xs, weights, rank, sorted_experts):
-    """SwiGLU over an [experts, capacity, D] buffer; slots past an expert's capacity are dropped."""
-    moe = self.cfg.moe
-    factor = moe.capacity_factor_train if self.training else moe.capacity_factor_eval
-    cap = capacity(xs.shape[0], moe.num_experts, factor)
-    keep = rank < cap
-    slot = jnp.where(keep, rank, cap)  # dropped slots go to a scratch row that is cut off
-    buffer = jnp.zeros((moe.num_experts, cap + 1, xs.shape[1]), xs.dtype)
-    buffer = buffer.at[sorted_experts, slot].set(xs)[:, :cap]
+  def _capacity(self, tokens, weights, slots, cap):
+    """SwiGLU over an [experts, capacity, D] buffer: expert e takes its first `cap` slots in token
+    order, the rest are dropped. tokens [N, D]. Returns ([N*k, D] in slot order, the fraction dropped)."""
+    num_experts, num_slots = self.cfg.moe.num_experts, slots.order.shape[0]
+    column = jnp.arange(cap)
+    starts = jnp.cumsum(slots.group_sizes) - slots.group_sizes
+    filled = (column[None, :] < slots.group_sizes[:, None]).reshape(-1)  # [E * cap]
+    slot_of_row = slots.order[jnp.minimum(starts[:, None] + column, num_slots - 1).reshape(-1)]
+    rank = slots.rank[slots.inverse]  # [N*k] rank of each slot within its expert, in slot order
+    kept = rank < cap
+    row_of_slot = slots.experts[slots.inverse] * cap + jnp.minimum(rank, cap - 1)
+    buffer = move_rows(tokens, slot_of_row, filled, row_of_slot, kept, self.cfg.moe.top_k)
+    buffer = buffer.reshape(num_experts, cap, -1)
     w_gate, w_up, w_down = weights
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate)) * jnp.einsum(
         "ecd,edf->ecf", buffer, w_up)
-    out = jnp.einsum("ecf,efd->ecd", h, w_down)
-    ys = jnp.where(keep[:, None], out[sorted_experts, jnp.minimum(slot, cap - 1)], 0)
-    return ys, 1.0 - jnp.mean(keep.astype(jnp.float32))
+    out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * cap, -1)
+    ys = move_rows(out, row_of_slot, kept, slot_of_row, filled)
+    return ys, 1.0 - jnp.mean(kept.astype(jnp.float32))
 
   def _shared(self, tokens):
     """Shared experts, applied to every token: one SwiGLU of width num_shared * shared_d_ff, with a

@@ -81,7 +81,7 @@ def test_forward_kernel(case: dict):
 def test_input_grad_kernel(case: dict):
   offsets = gmp.group_offsets(case["sizes"], ROWS)
   fn = jax.jit(gmp.gmm, static_argnums=3, static_argnames="transpose_rhs")
-  dx = fn(case["dy"], case["w"], offsets, gmp.Config().forward, transpose_rhs=True,
+  dx = fn(case["dy"], case["w"], offsets, gmp.Config().input_grad, transpose_rhs=True,
           out=_poison((ROWS, D_MODEL)))
   _assert_close(dx, case["dx"], "dx")
 

@@ -70,20 +70,29 @@ def left_context(x: jax.Array, width: int) -> jax.Array:
   return jax.lax.ppermute(x[:, x.shape[1] - width:], AXIS, [(r, r + 1) for r in range(n - 1)])
 
 
-def with_left_context(fn: Callable, x: jax.Array, width: int, *params: jax.Array) -> jax.Array:
-  """fn(concat(left context, x), *params) per shard, for causal maps that read `width` earlier tokens.
+def with_left_context(fn: Callable, x: jax.Array, width: int, split: tuple = (),
+                      whole: tuple = ()) -> jax.Array:
+  """fn(concat(left context, x), start, *split, *whole) per shard, for causal maps that read `width`
+  earlier tokens; start is `width` on the first shard (its context is zeros, not tokens), else 0.
 
   Args:
-    fn: maps [batch, width + seq / S, ...] (and the params) to [batch, seq / S, ...].
+    fn: maps [batch, width + seq / S, ...], start, the split args' shards and the whole args to
+      [batch, seq / S, ...].
     x: [batch, seq, ...], split over "sequence".
     width: tokens of left context each shard needs (<= seq / S).
-    params: arrays every shard sees whole (e.g. a kernel).
+    split: more [batch, seq, ...] arrays, split as x (no context).
+    whole: arrays every shard sees whole (e.g. a kernel).
   Returns:
     [batch, seq, ...], split over "sequence".
   """
   check_divisible(x.shape[1])
-  body = lambda x, *params: fn(jnp.concatenate([left_context(x, width), x], axis=1), *params)
-  return per_shard(body, (SPLIT,) + (WHOLE,) * len(params), SPLIT)(x, *params)
+
+  def body(x, split, whole):
+    start = jnp.where(shard_index() == 0, width, 0)
+    return fn(jnp.concatenate([left_context(x, width), x], axis=1), start, *split, *whole)
+
+  specs = (SPLIT, (SPLIT,) * len(split), (WHOLE,) * len(whole))
+  return per_shard(body, specs, SPLIT)(x, tuple(split), tuple(whole))
 
 
 def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

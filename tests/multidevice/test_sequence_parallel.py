@@ -39,21 +39,23 @@ def assert_close(actual, expected, name: str, tol: float = TOL) -> None:
 
 
 def _inputs(family: str, seed: int) -> tuple:
-  """The op's positional inputs for `family` (stable gates: k L2-normalised for the delta rules)."""
+  """The op's positional inputs for `family` (k L2-normalised for the delta rules); gla and delta_rule
+  get a few extreme log decays (-inf, -1e4) too."""
   rng = np.random.default_rng(seed)
-  normal = lambda *shape, s=1.0: jnp.asarray(s * rng.standard_normal(shape), jnp.float32)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   lead = (BATCH, SEQ, HEADS)
   q, k, v = normal(*lead, KEY_DIM), normal(*lead, KEY_DIM), normal(*lead, VALUE_DIM)
   unit_k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   gate = lambda *shape: jax.nn.log_sigmoid(normal(*lead, *shape) + 2.0)
   unit = lambda *shape: jax.nn.sigmoid(normal(*lead, *shape))
+  hostile = lambda g: g.at[:, 3].set(-jnp.inf).at[:, 17].set(-1e4)
   return {
       "simple_gla": lambda: (q, k, v, gate()),
       "simple_gla_no_decay": lambda: (q, k, v, None),
-      "gla": lambda: (q, k, v, gate(KEY_DIM)),
+      "gla": lambda: (q, k, v, hostile(gate(KEY_DIM))),
       "gla_bonus": lambda: (q, k, v, gate(KEY_DIM), normal(HEADS, KEY_DIM)),  # u without a seq axis
       "diagonal_ssm": lambda: (q, k, v, gate(KEY_DIM, VALUE_DIM)),
-      "delta_rule": lambda: (q, unit_k, v, unit(), gate()),
+      "delta_rule": lambda: (q, unit_k, v, unit(), hostile(gate())),
       "dplr": lambda: (q, k, v, -unit_k, unit_k * unit(KEY_DIM), gate(KEY_DIM)),
       "titans": lambda: (q, unit_k, v, 0.5 * unit(), gate(), gate()),
   }[family]()

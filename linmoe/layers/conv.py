@@ -24,7 +24,8 @@ class ShortConv(nn.Module):
                         (self.width, channels)).astype(x.dtype)
     bias = self.param("bias", nn.initializers.zeros, (channels,)).astype(x.dtype)
     if sequence.is_split(self.mode):
-      convolve = lambda full, start, kernel, bias: self.convolve(full, kernel, bias)  # zeros before 0
+      # The first shard's context is zeros, as unsplit: no need to know where the tokens start.
+      convolve = lambda full, start, kernel, bias: self.convolve(full, kernel, bias)
       return sequence.with_left_context(convolve, x, self.width - 1, whole=(kernel, bias))
     zeros = jnp.zeros((batch, self.width - 1, channels), x.dtype)
     cache = cache_variable(self, self.mode, "context", lambda: zeros)

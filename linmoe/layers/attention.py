@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from linmoe.layers.common import head_projection, output_projection, rotary
 from linmoe.layers.mixer import Mixer, cache_variable
+from linmoe.parallel import sequence
 
 
 def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
@@ -20,8 +21,10 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndar
 class CausalAttention(Mixer):
   """Multi-head causal attention; [batch, seq, d_model] -> [batch, seq, d_model].
 
-  In "prefill" the keys and values go to a cache of `cache_len` positions; in "decode" the token
-  attends to the cached positions before it and its own. Tokens past the cache give NaN outputs.
+  With the sequence split over the mesh ("train", "eval"), each shard's queries attend to the keys and
+  values gathered from all shards (LASP-2H). In "prefill" the keys and values go to a cache of
+  `cache_len` positions; in "decode" the token attends to the cached positions before it and its own.
+  Tokens past the cache give NaN outputs.
   """
 
   @nn.compact
@@ -32,6 +35,8 @@ class CausalAttention(Mixer):
     q = rotary(head_projection(cfg, "q_proj")(x), cfg.rope_theta, offset)  # [B, T, H, Dh]
     k = rotary(head_projection(cfg, "k_proj")(x), cfg.rope_theta, offset)
     v = head_projection(cfg, "v_proj")(x)
+    if sequence.is_split(self.mode):  # LASP-2H
+      return output_projection(cfg)(sequence.gathered_attention(q, k, v))
     if self.mode in ("train", "eval"):
       return output_projection(cfg)(causal_attention(q, k, v))
     if not self.decoding and self.cache_len < seq:

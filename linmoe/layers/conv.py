@@ -3,13 +3,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from linmoe.layers.mixer import cache_variable
+from linmoe.parallel import sequence
 
 
 class ShortConv(nn.Module):
   """y_t = sum_{i < width} w_i * x_{t - width + 1 + i} per channel; [batch, seq, channels] -> same.
 
   The left context is zeros in "train" and "prefill", and the last width - 1 inputs (kept in the
-  cache) in "decode". One code path: concatenate context and input, then a valid convolution.
+  cache) in "decode". One code path: concatenate context and input, then a valid convolution. With the
+  sequence split over the mesh ("train", "eval"), each shard's context is the end of the previous shard.
   """
   mode: str = "train"
   width: int = 4
@@ -18,15 +20,24 @@ class ShortConv(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     batch, seq, channels = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                        (self.width, channels)).astype(x.dtype)
+    bias = self.param("bias", nn.initializers.zeros, (channels,)).astype(x.dtype)
+    if sequence.is_split(self.mode):
+      # The first shard's context is zeros, as unsplit: no need to know where the tokens start.
+      convolve = lambda full, start, kernel, bias: self.convolve(full, kernel, bias)
+      return sequence.with_left_context(convolve, x, self.width - 1, whole=(kernel, bias))
     zeros = jnp.zeros((batch, self.width - 1, channels), x.dtype)
     cache = cache_variable(self, self.mode, "context", lambda: zeros)
     context = cache.value.astype(x.dtype) if self.mode == "decode" else zeros
     full = jnp.concatenate([context, x], axis=1)  # [B, width - 1 + seq, C]
     if cache is not None:
       cache.value = full[:, seq:]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
-                        (self.width, channels)).astype(x.dtype)
-    bias = self.param("bias", nn.initializers.zeros, (channels,)).astype(x.dtype)
+    return self.convolve(full, kernel, bias)
+
+  def convolve(self, full: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+    """[batch, width - 1 + seq, C] context and input -> [batch, seq, C]."""
+    seq = full.shape[1] - (self.width - 1)
     windows = jnp.stack([full[:, i:i + seq] for i in range(self.width)], axis=2)  # [B, T, W, C]
     y = jnp.einsum("btwc,wc->btc", windows, kernel) + bias
     return nn.silu(y) if self.activation else y

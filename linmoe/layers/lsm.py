@@ -17,29 +17,35 @@ from linmoe import kernels
 from linmoe.layers.common import head_projection, output_projection, rms_norm
 from linmoe.layers.conv import ShortConv
 from linmoe.layers.mixer import Mixer, cache_variable
+from linmoe.parallel import sequence
+from linmoe.parallel.lasp2 import Carry, DecayCarry, MatrixCarry, lasp2
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   """A recurrence family: `sequence(*inputs, initial_state=, impl=, chunk_size=) -> (o, state)` over
   [batch, seq, ...] inputs and `step(*inputs_t, state) -> (o_t, state)` over [batch, ...] inputs;
+  `carry` says how LASP-2 carries the state across sequence shards (linmoe/parallel/lasp2.py);
   `zero_state(shape)` is the empty state for the memory shape [batch, heads, dk, dv];
   `gated_inputs` are the positions of the inputs that, zeroed at a token, leave the state unchanged
   there (used by Mixture-of-Memories for memories a token is not routed to)."""
   sequence: Callable
   step: Callable
+  carry: Carry
   zero_state: Callable = lambda shape: jnp.zeros(shape, jnp.float32)
   gated_inputs: tuple[int, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
-    "simple_gla": Family(kernels.simple_gla, kernels.simple_gla_step, gated_inputs=(1, 3)),  # k, g
-    "gla": Family(kernels.gla, kernels.gla_step, gated_inputs=(1, 3)),  # k, g
-    "gla_bonus": Family(kernels.gla_bonus, kernels.gla_bonus_step),
-    "diagonal_ssm": Family(kernels.diagonal_ssm, kernels.diagonal_ssm_step),
-    "delta_rule": Family(kernels.delta_rule, kernels.delta_rule_step, gated_inputs=(3, 4)),  # beta, g
-    "dplr": Family(kernels.dplr, kernels.dplr_step),
-    "titans": Family(kernels.titans, kernels.titans_step,  # state: (memory, momentum)
+    "simple_gla": Family(kernels.simple_gla, kernels.simple_gla_step, DecayCarry(),
+                         gated_inputs=(1, 3)),  # k, g
+    "gla": Family(kernels.gla, kernels.gla_step, DecayCarry(), gated_inputs=(1, 3)),  # k, g
+    "gla_bonus": Family(kernels.gla_bonus, kernels.gla_bonus_step, DecayCarry(reads_before_update=True)),
+    "diagonal_ssm": Family(kernels.diagonal_ssm, kernels.diagonal_ssm_step, DecayCarry()),
+    "delta_rule": Family(kernels.delta_rule, kernels.delta_rule_step, MatrixCarry(),
+                         gated_inputs=(3, 4)),  # beta, g
+    "dplr": Family(kernels.dplr, kernels.dplr_step, MatrixCarry()),
+    "titans": Family(kernels.titans, kernels.titans_step, MatrixCarry(parts=2),  # (memory, momentum)
                      lambda shape: (jnp.zeros(shape, jnp.float32),) * 2),
 }
 OUTPUT_GATES: dict[str, Callable] = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid, "gelu": jax.nn.gelu}
@@ -69,7 +75,8 @@ class LSMLayer(Mixer):
                  name: str = "memory") -> jnp.ndarray:
     """Runs the family op on [batch, seq, ...] inputs; returns o [batch, seq, heads, dv].
 
-    Outside training the final memory [batch, heads, dk, dv] (fp32) is kept in the cache as `name`.
+    Outside training the final memory [batch, heads, dk, dv] (fp32) is kept in the cache as `name`;
+    in training with the sequence split over the mesh, LASP-2 runs the op.
     """
     family = FAMILIES[family or self.family]
     q, v = inputs[0], inputs[2]
@@ -78,6 +85,9 @@ class LSMLayer(Mixer):
     if self.decoding:
       o, state = family.step(*(a if a is None else a[:, 0] for a in inputs), memory.value)
       o = o[:, None]
+    elif sequence.is_split(self.mode):
+      o, state = lasp2(family.sequence, family.carry, inputs, impl=self.cfg.kernel_impl,
+                       chunk_size=self.cfg.chunk_size)
     else:
       o, state = family.sequence(*inputs, impl=self.cfg.kernel_impl, chunk_size=self.cfg.chunk_size)
     if memory is not None:

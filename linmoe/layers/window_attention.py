@@ -9,14 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.layers.mixer import cache_variable
+from linmoe.parallel import sequence
 
 
-def sliding_window_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int) -> jnp.ndarray:
-  """Softmax attention of token t over tokens t - window + 1 .. t.
+def sliding_window_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int,
+                             start: jnp.ndarray | int = 0) -> jnp.ndarray:
+  """Softmax attention of token t over tokens max(t - window + 1, start) .. t.
 
   Args:
     q, k, v: [batch, seq, heads, dim].
     window: number of keys each query sees (itself included), >= 1.
+    start: index of the first real key (the ones before are padding); queries before it see nothing.
   Returns:
     [batch, seq, heads, dim] in v's dtype.
   """
@@ -33,8 +36,8 @@ def sliding_window_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, win
   # Query i of block b sits at b * window + i, key j of its pair of blocks at (b - 1) * window + j.
   i, j = jnp.arange(window)[:, None], jnp.arange(2 * window)[None, :]
   in_window = (j > i) & (j <= i + window)  # [window, 2 * window]
-  has_previous = jnp.arange(n_blocks)[:, None, None] > 0
-  mask = in_window & (has_previous | (j >= window))  # [n_blocks, window, 2 * window]
+  key_index = (jnp.arange(n_blocks)[:, None, None] - 1) * window + j
+  mask = in_window & (key_index >= start)  # [n_blocks, window, 2 * window]
   mask = jnp.broadcast_to(mask, (batch, *mask.shape)).reshape(batch * n_blocks, 1, window, 2 * window)
   o = jax.nn.dot_product_attention(q, with_previous_block(k), with_previous_block(v), mask=mask)
   return o.reshape(batch, n_blocks * window, heads, dim)[:, :seq]
@@ -45,6 +48,8 @@ class SlidingWindowAttention(nn.Module):
 
   "prefill" leaves the last `window` keys and values in the cache (zeros before the first token);
   "decode" (one token) drops the oldest, appends the new one and masks the slots before position 0.
+  With the sequence split over the mesh ("train", "eval"), each shard gets the window - 1 keys and
+  values before it from the previous shard.
   """
   mode: str
   window: int
@@ -56,6 +61,9 @@ class SlidingWindowAttention(nn.Module):
     empty = lambda: jnp.zeros((batch, self.window, heads, dim), k.dtype)
     keys = cache_variable(self, self.mode, "keys", empty)
     values = cache_variable(self, self.mode, "values", empty)
+    if sequence.is_split(self.mode):
+      return sequence.with_left_context(self.attend_with_context, jnp.concatenate([k, v], axis=-1),
+                                        self.window - 1, split=(q,))
     if self.mode == "decode":
       k = jnp.concatenate([keys.value[:, 1:], k], axis=1)  # slot s holds position offset - window + 1 + s
       v = jnp.concatenate([values.value[:, 1:], v], axis=1)
@@ -66,3 +74,11 @@ class SlidingWindowAttention(nn.Module):
       keys.value = jnp.concatenate([empty(), k], axis=1)[:, -self.window:]
       values.value = jnp.concatenate([empty(), v], axis=1)[:, -self.window:]
     return sliding_window_attention(q, k, v, self.window)
+
+  def attend_with_context(self, kv: jnp.ndarray, start: jnp.ndarray, q: jnp.ndarray) -> jnp.ndarray:
+    """Queries [batch, seq, heads, dim] over keys and values [batch, window - 1 + seq, heads, 2 * dim]
+    (the previous window - 1 tokens first; real from `start`)."""
+    k, v = jnp.split(kv, 2, axis=-1)
+    context = kv.shape[1] - q.shape[1]
+    q = jnp.pad(q, [(0, 0), (context, 0), (0, 0), (0, 0)])
+    return sliding_window_attention(q, k, v, self.window, start)[:, context:]

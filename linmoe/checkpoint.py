@@ -37,6 +37,16 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
       state=ocp.args.StandardRestore(abstract_state)))["state"]
 
 
+def restore_params(manager: ocp.CheckpointManager, step: int | None = None) -> tuple[dict, int] | None:
+  """(parameters, step) of checkpoint `step` (default: the latest) as saved, on the default device,
+  without building the optimizer state; None when the workdir has no checkpoint."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["params"], int(state["step"])
+
+
 def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """The batch stream position saved with checkpoint `step`, or None if it has none."""
   if not os.path.isdir(os.path.join(manager.directory, str(step), "data")):

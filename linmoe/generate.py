@@ -13,7 +13,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 
 from linmoe import checkpoint
@@ -21,8 +20,6 @@ from linmoe.config import ModelConfig, padded_vocab_size
 from linmoe.data import Tokenizer, build_tokenizer
 from linmoe.decode import decode_step, prefill
 from linmoe.model import LinearMoELM
-from linmoe.optim import make_optimizer
-from linmoe.steps import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +60,8 @@ def sample(logits: jnp.ndarray, rng: jax.Array, sampling: Sampling,
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
-    mass_before = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) - jax.nn.softmax(
-        sorted_logits, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf)  # the most likely is kept
     cutoff = jnp.min(kept, axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
@@ -153,8 +150,8 @@ class Loaded:
   """A trained model restored from a workdir."""
   model: LinearMoELM
   params: dict
-  tokenizer: Tokenizer
   step: int
+  tokenizer: Tokenizer
 
 
 def load(workdir: str, step: int | None = None) -> Loaded:
@@ -163,22 +160,11 @@ def load(workdir: str, step: int | None = None) -> Loaded:
   tokenizer = build_tokenizer(config.data.tokenizer)
   model_cfg = ModelConfig.from_config(config.model,
                                       padded_vocab_size(config.model, tokenizer.vocab_size))
-  model = LinearMoELM(model_cfg)
-  tx = make_optimizer(config.train)
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, model_cfg.chunk_size), jnp.int32))["params"]
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      nonfinite_step=jnp.int32(-1))
-
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          jax.eval_shape(init, jax.random.key(0)))
   manager = checkpoint.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  state = checkpoint.restore(manager, abstract, step)
-  if state is None:
+  restored = checkpoint.restore_params(manager, step)
+  if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  return Loaded(model, state.params, tokenizer, int(state.step))
+  return Loaded(LinearMoELM(model_cfg), *restored, tokenizer=tokenizer)
 
 
 def complete(loaded: Loaded, prompts: list[str], max_new_tokens: int,

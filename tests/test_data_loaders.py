@@ -1,12 +1,13 @@
 """The TFDS source (array-record, no TensorFlow) and the Grain loader, on datasets built on disk."""
 import json
+import re
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from linmoe import checkpoint, data
-from linmoe.config import default_config
+from linmoe.config import ConfigError, default_config, validate
 
 NUM_TRAIN, NUM_VALIDATION = 40, 6
 
@@ -144,3 +145,14 @@ def test_grain_position_round_trips_through_a_checkpoint(grain_data, tmp_path):
   resumed = grain_data.train.stream(2, restored)
   for _ in range(3):
     np.testing.assert_array_equal(next(resumed)["inputs"], next(stream)["inputs"])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("loader", "tf.data", "data.loader = 'tf.data': must be one of index, grain"),
+    ("source", "hf:wikitext", "data.source = 'hf:wikitext': must be 'files' or 'tfds:"),
+])
+def test_config_validation_names_bad_data_keys(key, value, message):
+  config = default_config()
+  config.data[key] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(config, device_count=1)

@@ -111,7 +111,7 @@ def generate(model: LinearMoELM, params, prompts: list[list[int]], max_new_token
   """Continues each prompt; returns the new tokens of each row, without the end-of-document token.
 
   Args:
-    model: The model (its config fixes the layers; any `mode`).
+    model: The language model.
     params: Its parameters.
     prompts: B token lists of any lengths >= 1.
     max_new_tokens: Most tokens generated per row, >= 1.

@@ -103,7 +103,9 @@ class Trainer:
     state = self.restore_or_init(manager)
     start = int(state.step)
     data_state = checkpoint.restore_data_state(manager, start) if start else None
-    stream = self.train_stream(data_state or ({"step": start} if start else None))
+    if start and data_state is None:  # a checkpoint saved without a stream position
+      data_state = {"step": start}  # the index loader's position; the Grain loader refuses it
+    stream = self.train_stream(data_state)
     print(self.data.describe())
     print(f"model: {param_count(state.params):,} parameters, layers {self.model_cfg.layer_kinds} "
           f"(L = {self.model_cfg.lsm}), {self.model_cfg.moe.num_experts} experts")

@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the train state in <workdir>/checkpoints, plus the run's config.json."""
+"""Orbax checkpoints in <workdir>/checkpoints, plus the run's config.json.
+
+Each checkpoint holds two items: "state" (the train state) and "data" (the training batch stream's
+position, a JSON dict; see linmoe/data/stream.py), so a resumed run reads on from the same batch.
+"""
 import json
 import os
 
@@ -14,10 +18,13 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | None = None) -> None:
   """Saves asynchronously; orbax writes to a temporary folder and renames it when complete, so an
   interrupted save never replaces the last complete checkpoint."""
-  manager.save(step, args=ocp.args.StandardSave(state))
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  manager.save(step, args=ocp.args.Composite(**items))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -26,7 +33,25 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int | None = None) -> tuple[dict, int] | None:
+  """(parameters, step) of checkpoint `step` (default: the latest) as saved, on the default device,
+  without building the optimizer state; None when the workdir has no checkpoint."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return state["params"], int(state["step"])
+
+
+def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The batch stream position saved with checkpoint `step`, or None if it has none."""
+  if not os.path.isdir(os.path.join(manager.directory, str(step), "data")):
+    return None
+  return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
 
 def abstract(state):

@@ -80,9 +80,14 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # how many recent checkpoints to keep
 
   c.data = d = ml_collections.ConfigDict()
+  d.source = "files"  # "files" (read data.path) or "tfds:<name>[:<config>]" (a prepared TFDS dataset)
   d.path = "data/kjv.jsonl.zst"  # file, glob or comma list of .jsonl, .jsonl.zst, .txt
-  d.tokenizer = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
+  d.tfds_dir = ""  # TFDS data_dir of a tfds: source; "" = TFDS's default (~/tensorflow_datasets)
+  d.text_feature = "text"  # the text feature of a tfds: source's records
+  d.eval_split = ""  # tfds: held-out split (e.g. "validation"); "" = hold out eval_fraction of train
+  d.tokenizer = "byte"  # "byte", "qwen2" or the path of a Hugging Face tokenizer.json
   d.eval_fraction = 0.02  # share of documents held out for evaluation
+  d.loader = "index"  # "index" (batch = pure function of (seed, step)) or "grain" (Grain iterator)
 
   c.mesh = ms = ml_collections.ConfigDict()
   for axis in MESH_AXES:
@@ -226,6 +231,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     _fail("train.lr", t.lr, "must be > 0")
   if not 0 <= t.min_lr_ratio <= 1:
     _fail("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+  from linmoe.data import LOADERS  # here: keeps `import linmoe.config` light
+  _check_choice(config, "data.loader", LOADERS)
+  if config.data.source != "files" and not config.data.source.startswith("tfds:"):
+    _fail("data.source", config.data.source, "must be 'files' or 'tfds:<name>[:<config>]'")
   if not 0 < config.data.eval_fraction < 1:
     _fail("data.eval_fraction", config.data.eval_fraction, "must be in (0, 1)")
   sizes = {axis: config.mesh[axis] for axis in MESH_AXES}

@@ -57,8 +57,16 @@ class Trainer:
     return jax.jit(init, out_shardings=replicated(self.mesh))(jax.random.key(self.config.seed))
 
   def batch(self, step: int) -> dict:
-    """The training batch of step `step` (0-based), a pure function of (seed, step), sharded."""
-    batch = self.data.train.batch(step, self.config.train.batch_size)
+    """The training batch of step `step` (0-based), a pure function of (seed, step), sharded
+    (data.loader = "index"; the Grain loader serves batches in order through `train_stream`)."""
+    return self.put(self.data.train.batch(step, self.config.train.batch_size))
+
+  def train_stream(self, state: dict | None = None):
+    """The training batches from the first, or from a position saved with a checkpoint."""
+    return self.data.train.stream(self.config.train.batch_size, state)
+
+  def put(self, batch: dict) -> dict:
+    """A host batch of [batch, seq] arrays, sharded over the mesh's data axes."""
     return jax.device_put(batch, batch_sharding(self.mesh))
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -94,9 +102,11 @@ class Trainer:
     manager = checkpoint.checkpoint_manager(workdir, cfg.keep_checkpoints)
     state = self.restore_or_init(manager)
     start = int(state.step)
-    train, held_out, stats = self.data.train, self.data.eval, self.data.stats
-    print(f"data: {stats.documents} documents from {stats.files} files ({stats.skipped_lines} "
-          f"malformed lines skipped); {train.num_tokens:,} train / {held_out.num_tokens:,} eval tokens")
+    data_state = checkpoint.restore_data_state(manager, start) if start else None
+    if start and data_state is None:  # a checkpoint saved without a stream position
+      data_state = {"step": start}  # the index loader's position; the Grain loader refuses it
+    stream = self.train_stream(data_state)
+    print(self.data.describe())
     print(f"model: {param_count(state.params):,} parameters, layers {self.model_cfg.layer_kinds} "
           f"(L = {self.model_cfg.lsm}), {self.model_cfg.moe.num_experts} experts")
     if start:
@@ -106,7 +116,7 @@ class Trainer:
     last_time, last_step = time.perf_counter(), start
     try:
       for step in range(start + 1, until + 1):
-        state, metrics = self.step(state, self.batch(step - 1))
+        state, metrics = self.step(state, self.put(next(stream)))
         writer.advance()
         is_end = step == until
         log, evaluate, save = (step % every == 0 or is_end for every in (
@@ -124,7 +134,7 @@ class Trainer:
           writer.write(step, self.evaluate(state.params))
           last_time = time.perf_counter()
         if save:
-          checkpoint.save(manager, step, state)
+          checkpoint.save(manager, step, state, stream.get_state())
     finally:
       manager.wait_until_finished()
       writer.close()

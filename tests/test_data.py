@@ -5,7 +5,6 @@ import logging
 import os
 import re
 import time
-import types
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import tokenizers as hf
 import zstandard
 
 from linmoe import data
+from linmoe.config import default_config, padded_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +20,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _jsonl(records: list) -> bytes:
   lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
   return ("\n".join(lines) + "\n").encode()
+
+
+def data_config(**overrides):
+  """The default data config section with `overrides`."""
+  config = default_config().data
+  config.update(overrides)
+  return config
 
 
 def _write(path, content: bytes) -> str:
@@ -171,6 +178,25 @@ def test_hf_tokenizer_errors_name_path(tmp_path):
     data.build_tokenizer(path)
 
 
+def test_qwen2_tokenizer_vocabulary_round_trip_and_padding():
+  tok = data.build_tokenizer("qwen2")
+  assert isinstance(tok, data.QwenTokenizer)
+  assert tok.eod_id == 151_643  # <|endoftext|>, the first id after the BPE
+  assert tok.vocab_size == 151_643 + 208  # BPE + <|endoftext|>, im_start/end, 205 extras
+  text = "In the beginning God created the heaven — ἐν ἀρχῇ 起初 🙂\n\tend"
+  ids = tok.encode(text)
+  assert max(ids) < tok.eod_id and len(ids) < len(text.encode()) // 2
+  assert tok.decode(ids + [tok.eod_id]) == text
+  assert tok.encode("Hello world") == [9707, 1879]  # Qwen2's ids for these words
+  assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
+  injected = tok.encode("a<|endoftext|>b")  # special strings in data stay text
+  assert tok.eod_id not in injected and tok.decode(injected) == "a<|endoftext|>b"
+  model = default_config().model
+  assert padded_vocab_size(model, tok.vocab_size) == 151_936  # Qwen2's embedding size
+  with pytest.raises(data.DataError, match="qwen2 tokenizer has a fixed eod"):
+    data.build_tokenizer("qwen2", eod_token="</s>")
+
+
 # Packing and splitting.
 
 
@@ -179,6 +205,45 @@ def test_pack_places_eod_after_each_document():
   assert tokens.dtype == np.int32
   np.testing.assert_array_equal(tokens, [1, 2, 9, 9, 3, 9])
   assert data.pack_documents([], eod_id=9).shape == (0,)
+
+
+def _segment_ids_loop(inputs: np.ndarray, eod_id: int) -> np.ndarray:
+  """Reference: walk each row, a new id after every eod."""
+  out = np.zeros(inputs.shape, np.int32)
+  for b, row in enumerate(inputs):
+    current = 1
+    for t, token in enumerate(row):
+      out[b, t] = current
+      current += int(token == eod_id)
+  return out
+
+
+def test_segment_ids_mark_each_document_start():
+  ids = data.segment_ids(np.array([[5, 9, 9, 7, 8, 9], [9, 1, 2, 3, 9, 9]]), eod_id=9)
+  np.testing.assert_array_equal(ids, [[1, 1, 2, 3, 3, 3], [1, 2, 2, 2, 2, 3]])
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    inputs = rng.integers(0, 4, size=(3, 17))
+    np.testing.assert_array_equal(data.segment_ids(inputs, 0), _segment_ids_loop(inputs, 0))
+
+
+def test_batches_carry_segment_ids_of_their_documents():
+  docs = [[1, 2, 3], [4], [5, 6, 7, 8, 1, 2], [3, 3]]
+  ds = data.PackedDataset(data.pack_documents(docs, eod_id=0), SEQ_LEN, seed=1, eod_id=0)
+  for batch in [ds.batch(s, 2) for s in range(3)] + list(ds.eval_batches(2)):
+    assert batch["segment_ids"].dtype == np.int32
+    np.testing.assert_array_equal(batch["segment_ids"], _segment_ids_loop(batch["inputs"], 0))
+
+
+def test_index_stream_serves_steps_and_resumes_from_its_state():
+  ds = _dataset(seed=4)
+  stream = ds.stream(3)
+  first = [next(stream) for _ in range(4)]
+  for step, batch in enumerate(first):
+    np.testing.assert_array_equal(batch["inputs"], ds.batch(step, 3)["inputs"])
+  state = json.loads(json.dumps(stream.get_state()))
+  resumed = ds.stream(3, state)
+  np.testing.assert_array_equal(next(resumed)["inputs"], next(stream)["inputs"])
 
 
 def test_split_is_deterministic_disjoint_and_complete():
@@ -208,9 +273,9 @@ SEQ_LEN = 3
 
 def _dataset(num_windows: int = 10, seed: int = 0,
              extra: int = 2) -> data.PackedDataset:
-  """Window w starts with token w * (SEQ_LEN + 1)."""
+  """Window w starts with token w * (SEQ_LEN + 1); one document (no eod)."""
   tokens = np.arange(num_windows * (SEQ_LEN + 1) + extra)
-  return data.PackedDataset(tokens, SEQ_LEN, seed)
+  return data.PackedDataset(tokens, SEQ_LEN, seed, eod_id=-1)
 
 
 def _window_ids(batch: dict) -> list[int]:
@@ -257,7 +322,7 @@ def test_too_few_windows_raises():
   with pytest.raises(data.DataError, match="seq_len"):
     ds.eval_batches(4)
   with pytest.raises(data.DataError, match="seq_len"):
-    data.PackedDataset(np.arange(SEQ_LEN), SEQ_LEN, seed=0)
+    data.PackedDataset(np.arange(SEQ_LEN), SEQ_LEN, seed=0, eod_id=-1)
 
 
 def test_eval_batches_in_order_full_only():
@@ -274,8 +339,7 @@ def test_eval_batches_in_order_full_only():
 def test_build_data_small(tmp_path):
   path = _write(tmp_path / "a.jsonl",
                 _jsonl([{"text": f"document number {i}"} for i in range(20)]))
-  config = types.SimpleNamespace(path=path, tokenizer="byte",
-                                 eval_fraction=0.25)
+  config = data_config(path=path, eval_fraction=0.25)
   built = data.build_data(config, seq_len=8, seed=0)
   assert built.stats.documents == 20
   assert built.train.num_tokens + built.eval.num_tokens == sum(
@@ -285,8 +349,8 @@ def test_build_data_small(tmp_path):
 
 
 def test_build_data_bundled_corpus():
-  config = types.SimpleNamespace(path=os.path.join(REPO, "data/kjv.jsonl.zst"),
-                                 tokenizer="byte", eval_fraction=0.01)
+  config = data_config(path=os.path.join(REPO, "data/kjv.jsonl.zst"),
+                       eval_fraction=0.01)
   start = time.perf_counter()
   built = data.build_data(config, seq_len=256, seed=0)
   print(f"built bundled corpus in {time.perf_counter() - start:.2f}s")

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from linmoe.data.errors import DataError
+from linmoe.data.packing import segment_ids
+from linmoe.data.stream import IndexStream
 
 
 @functools.lru_cache(maxsize=4)
@@ -24,13 +26,14 @@ class PackedDataset:
   tail that does not fill a window is dropped.
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, eod_id: int):
     """Cuts the stream into windows.
 
     Args:
       tokens: The token stream, int[N].
       seq_len: Tokens per example, T.
       seed: Seed of the per-epoch window order of `batch`, >= 0.
+      eod_id: The end-of-document id that closes each document of the stream.
 
     Raises:
       DataError: If the arguments are invalid or N < seq_len + 1.
@@ -45,6 +48,7 @@ class PackedDataset:
       raise DataError(f"seed must be >= 0, got {seed}")
     self.seq_len = seq_len
     self.seed = seed
+    self.eod_id = eod_id
     self.num_tokens = len(tokens)
     self.num_windows = self.num_tokens // (seq_len + 1)
     if self.num_windows == 0:
@@ -66,8 +70,9 @@ class PackedDataset:
 
   def _examples(self, window_ids: np.ndarray) -> dict[str, np.ndarray]:
     windows = self._windows[window_ids]
-    return {"inputs": np.ascontiguousarray(windows[:, :-1]),
-            "targets": np.ascontiguousarray(windows[:, 1:])}
+    inputs = np.ascontiguousarray(windows[:, :-1])
+    return {"inputs": inputs, "targets": np.ascontiguousarray(windows[:, 1:]),
+            "segment_ids": segment_ids(inputs, self.eod_id)}
 
   def window_ids(self, step: int, batch_size: int) -> np.ndarray:
     """Returns the windows int64[B] of training batch `step`.
@@ -96,8 +101,9 @@ class PackedDataset:
       batch_size: Examples per batch, B <= num_windows.
 
     Returns:
-      {"inputs": int32[B, T], "targets": int32[B, T]}, targets being inputs
-      shifted left by one token.
+      {"inputs": int32[B, T], "targets": int32[B, T], "segment_ids":
+      int32[B, T]}, targets being inputs shifted left by one token and
+      segment_ids numbering the documents of each row (see segment_ids).
 
     Raises:
       DataError: If step < 0 or the stream has fewer than B windows.
@@ -114,7 +120,7 @@ class PackedDataset:
       max_batches: Most batches to yield; None yields all full batches.
 
     Returns:
-      An iterator of {"inputs": int32[B, T], "targets": int32[B, T]}.
+      An iterator of batches shaped as those of `batch`.
 
     Raises:
       DataError: At once, if the stream has fewer than B windows.
@@ -125,3 +131,11 @@ class PackedDataset:
       num_batches = min(num_batches, max_batches)
     return (self._examples(np.arange(b * batch_size, (b + 1) * batch_size))
             for b in range(num_batches))
+
+  def stream(self, batch_size: int, state: dict | None = None) -> IndexStream:
+    """Training batches from step 0, or from a saved `IndexStream` state."""
+    self._check_batch_size(batch_size)
+    stream = IndexStream(self.batch, batch_size, step=0)
+    if state is not None:
+      stream.set_state(state)
+    return stream

@@ -28,7 +28,17 @@ def split_documents(docs: Sequence[T], eval_fraction: float,
   Raises:
     DataError: If n < 2 or eval_fraction is not in (0, 1).
   """
-  n = len(docs)
+  train_ids, eval_ids = split_indices(len(docs), eval_fraction, seed)
+  return [docs[i] for i in train_ids], [docs[i] for i in eval_ids]
+
+
+def split_indices(n: int, eval_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The index form of `split_documents`: (train ids, eval ids), each sorted.
+
+  Raises:
+    DataError: If n < 2 or eval_fraction is not in (0, 1).
+  """
   if n < 2:
     raise DataError(f"need at least 2 documents to split, got {n}")
   if not 0 < eval_fraction < 1:
@@ -37,9 +47,7 @@ def split_documents(docs: Sequence[T], eval_fraction: float,
   order = np.random.default_rng(seed).permutation(n)
   is_eval = np.zeros(n, dtype=bool)
   is_eval[order[:num_eval]] = True
-  train = [d for d, e in zip(docs, is_eval) if not e]
-  held_out = [d for d, e in zip(docs, is_eval) if e]
-  return train, held_out
+  return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 
 def pack_documents(token_docs: Sequence[Sequence[int]],
@@ -61,3 +69,23 @@ def pack_documents(token_docs: Sequence[Sequence[int]],
     start = end
   tokens[ends - 1] = eod_id
   return tokens
+
+
+def segment_ids(inputs: np.ndarray, eod_id: int) -> np.ndarray:
+  """Numbers the documents of packed windows, a new id at each document start.
+
+  A document owns its tokens and the end-of-document token that closes it; the
+  next document starts right after that token. Ids start at 1 in every row (0
+  is left free for padding) and grow by one at each start.
+
+  Args:
+    inputs: Packed token windows, int[B, T].
+    eod_id: The end-of-document id.
+
+  Returns:
+    int32[B, T] segment ids.
+  """
+  inputs = np.asarray(inputs)
+  starts = np.zeros(inputs.shape, dtype=np.int32)
+  starts[:, 1:] = inputs[:, :-1] == eod_id
+  return 1 + np.cumsum(starts, axis=1, dtype=np.int32)

@@ -5,11 +5,16 @@ import logging
 from typing import Any
 
 from linmoe.data.dataset import PackedDataset
-from linmoe.data.packing import pack_documents, split_documents
-from linmoe.data.readers import ReadStats, read_documents
+from linmoe.data.errors import DataError
+from linmoe.data.grain_loader import GrainDataset
+from linmoe.data.packing import pack_documents
+from linmoe.data.readers import ReadStats
+from linmoe.data.sources import load_documents
 from linmoe.data.tokenizers import Tokenizer, build_tokenizer
 
 _log = logging.getLogger(__name__)
+
+LOADERS = ("index", "grain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,29 +22,40 @@ class Data:
   """Everything training needs from the data pipeline.
 
   Attributes:
-    train: Training windows, served shuffled per epoch.
+    train: Training data; `train.stream(batch_size, state)` serves its batches
+      (PackedDataset for data.loader = "index", GrainDataset for "grain").
     eval: Held-out windows, served in order.
     tokenizer: The tokenizer the streams were encoded with.
-    stats: Counts from reading the files.
+    stats: Counts from reading the source.
   """
-  train: PackedDataset
+  train: PackedDataset | GrainDataset
   eval: PackedDataset
   tokenizer: Tokenizer
   stats: ReadStats
+
+  def describe(self) -> str:
+    """One line: documents, files and tokens."""
+    train_tokens = ("tokenized as read" if self.train.num_tokens is None
+                    else f"{self.train.num_tokens:,}")
+    return (f"data: {self.stats.documents} documents from {self.stats.files} files "
+            f"({self.stats.skipped_lines} malformed lines skipped); {train_tokens} train / "
+            f"{self.eval.num_tokens:,} eval tokens")
 
 
 def build_data(data_config: Any, seq_len: int, seed: int) -> Data:
   """Reads, splits, tokenizes and packs the corpus.
 
   Documents are split into train and eval before tokenizing, so no document
-  straddles the two.
+  straddles the two. The eval documents are tokenized at once; the training
+  documents at once by the "index" loader, as they are served by "grain".
 
   Args:
-    data_config: Has `path` (files, globs or a comma-separated list, see
-      read_documents), `tokenizer` ("byte" or a tokenizer.json path) and
-      `eval_fraction` (fraction of documents held out, in (0, 1)).
+    data_config: Has `source` ("files" or "tfds:<name>[:<config>]"), `path`,
+      `tfds_dir`, `text_feature`, `eval_split` (see sources.load_documents),
+      `tokenizer` ("byte", "qwen2" or a tokenizer.json path), `eval_fraction`
+      and `loader` (one of LOADERS).
     seq_len: Tokens per example, T.
-    seed: Seed of the document split and of the training window order.
+    seed: Seed of the document split and of the training order.
 
   Returns:
     The datasets, tokenizer and read statistics.
@@ -47,17 +63,17 @@ def build_data(data_config: Any, seq_len: int, seed: int) -> Data:
   Raises:
     DataError: If any step cannot be carried out.
   """
-  docs, stats = read_documents(data_config.path)
-  train_docs, eval_docs = split_documents(docs, data_config.eval_fraction, seed)
+  if data_config.loader not in LOADERS:
+    raise DataError(f"data.loader = {data_config.loader!r}: must be one of {', '.join(LOADERS)}")
+  docs = load_documents(data_config, seed)
   tokenizer = build_tokenizer(data_config.tokenizer)
-  train_tokens = pack_documents(tokenizer.encode_batch(train_docs),
-                                tokenizer.eod_id)
-  eval_tokens = pack_documents(tokenizer.encode_batch(eval_docs),
-                               tokenizer.eod_id)
-  _log.info("data: %d files, %d train / %d eval documents, %d train / %d eval "
-            "tokens, %d skipped lines", stats.files, len(train_docs),
-            len(eval_docs), len(train_tokens), len(eval_tokens),
-            stats.skipped_lines)
-  return Data(train=PackedDataset(train_tokens, seq_len, seed),
-              eval=PackedDataset(eval_tokens, seq_len, seed),
-              tokenizer=tokenizer, stats=stats)
+  pack = lambda d: pack_documents(tokenizer.encode_batch(list(d)), tokenizer.eod_id)
+  eval_tokens = pack(docs.eval)
+  if data_config.loader == "grain":
+    train = GrainDataset(docs.train, tokenizer, seq_len, seed)
+  else:
+    train = PackedDataset(pack(docs.train), seq_len, seed, tokenizer.eod_id)
+  _log.info("data: %d train / %d eval documents, %d eval tokens",
+            len(docs.train), len(docs.eval), len(eval_tokens))
+  return Data(train=train, eval=PackedDataset(eval_tokens, seq_len, seed, tokenizer.eod_id),
+              tokenizer=tokenizer, stats=docs.stats)

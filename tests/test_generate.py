@@ -56,6 +56,12 @@ def tiny(request):
   return build(request.param)
 
 
+@pytest.fixture(scope="module")
+def pure_lsm():
+  """The "L" model alone, for tests that do not depend on the layers (the same compiled functions)."""
+  return build("L")
+
+
 def test_greedy_generation_equals_argmax_of_full_forwards(tiny):
   model, params = tiny
   got = run(model, params, None)
@@ -73,10 +79,8 @@ def test_generation_stops_at_end_of_document(tiny):
     assert stopped[row] == expected
 
 
-def test_sampling_is_seeded(tiny):
-  model, params = tiny
-  if model.cfg.pattern != "L":
-    pytest.skip("the sampling rules do not depend on the layers")
+def test_sampling_is_seeded(pure_lsm):
+  model, params = pure_lsm
   hot = generate.Sampling(temperature=5.0)
   a = run(model, params, None, hot, seed=1)
   assert a == run(model, params, None, hot, seed=1)
@@ -117,10 +121,8 @@ def test_lsm_decode_state_does_not_grow_with_context(tiny):
     assert (short[block] == long[block]) == (kind == "L"), (block, short[block], long[block])
 
 
-def test_load_restores_a_checkpoint_and_completes_text(tiny, tmp_path):
-  model, params = tiny
-  if model.cfg.pattern != "L":
-    pytest.skip("one checkpoint is enough")
+def test_load_restores_a_checkpoint_and_completes_text(pure_lsm, tmp_path):
+  model, params = pure_lsm
   config = default_config()
   config.workdir = str(tmp_path)
   config.model.update(model_config("L"))  # vocab_size 0: follows the byte tokenizer, 257 -> 384

@@ -42,22 +42,23 @@ CASES = {
     "simple_gla": Case(kernels.simple_gla, lambda s: _inputs(FAMILIES["simple_gla"], SEQ, s),
                        FAMILIES["simple_gla"].tiling),
     "gla": Case(kernels.gla, lambda s: _inputs(FAMILIES["gla"], SEQ, s), FAMILIES["gla"].tiling),
-    "delta_rule": Case(kernels.delta_rule, lambda s: _delta_inputs(SEQ, s, with_gate=False), DELTA.tiling),
-    "gated_delta_rule": Case(kernels.delta_rule, lambda s: _delta_inputs(SEQ, s), DELTA.tiling),
+    # DeltaNet (g=None) runs the same implementations, on g = 0.
+    "delta_rule": Case(kernels.delta_rule, lambda s: _delta_inputs(SEQ, s), DELTA.tiling),
     "gla_bonus": Case(kernels.gla_bonus, lambda s: _bonus_inputs(SEQ, s), BONUS.tiling),
     "diagonal_ssm": Case(kernels.diagonal_ssm, lambda s: _inputs(SSM, SEQ, s), SSM.tiling),
     "dplr": Case(kernels.dplr, lambda s: _dplr_inputs(SEQ, s), DPLR.tiling),
     "titans": Case(kernels.titans, lambda s: _titans_inputs(SEQ, s), TITANS.tiling),
 }
-GATED = [name for name in CASES if name != "delta_rule"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where each document of the packed batch lies, and the index arrays between the two layouts.
 
-  Separate layout: one document per row [n_docs, max_len], zero-padded at the end (which leaves every
-  op's state unchanged).
+  Separate layout: one document per row [n_docs, max_len], zero-padded. A row's first document starts at
+  0 (its initial state meets its first token); the others end at max_len, so that their zero padding comes
+  first and meets a zero state, which no op changes (zero padding after the end would move Titans'
+  memory by its momentum).
   """
   segment_ids: np.ndarray  # [batch, seq] int32, ids that do not start at 0
   row: np.ndarray  # [n_docs], the packed row of each document
@@ -70,10 +71,15 @@ class Layout:
   def max_len(self) -> int:
     return int(self.length.max())
 
+  @property
+  def offset(self) -> np.ndarray:
+    """[n_docs], where each document starts in its separate row."""
+    return np.where(np.isin(np.arange(len(self.row)), self.first), 0, self.max_len - self.length)
+
   def separate(self, x: jax.Array) -> jax.Array:
-    """[batch, seq, ...] -> [n_docs, max_len, ...], zeros after each document's end."""
-    pos = np.arange(self.max_len)
-    valid = pos < self.length[:, None]
+    """[batch, seq, ...] -> [n_docs, max_len, ...], zeros outside each document."""
+    pos = np.arange(self.max_len)[None] - self.offset[:, None]
+    valid = (pos >= 0) & (pos < self.length[:, None])
     cols = np.where(valid, self.start[:, None] + pos, 0)
     gathered = x[self.row[:, None], cols]
     return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), gathered, 0)
@@ -81,7 +87,7 @@ class Layout:
   def packed(self, x: jax.Array) -> jax.Array:
     """[n_docs, max_len, ...] -> [batch, seq, ...], the inverse of `separate`."""
     doc = np.repeat(np.arange(len(self.row)), self.length).reshape(BATCH, SEQ)
-    pos = np.arange(SEQ)[None] - self.start[doc]
+    pos = np.arange(SEQ)[None] - self.start[doc] + self.offset[doc]
     return x[doc, pos]
 
   def first_doc_only(self, state: jax.Array) -> jax.Array:
@@ -165,7 +171,7 @@ def _hostile_boundaries(inputs: dict) -> dict:
   return inputs | hostile
 
 
-@pytest.mark.parametrize("case", GATED)
+@pytest.mark.parametrize("case", CASES)
 def test_hostile_gates_at_boundaries(case):
   """-inf and -1e4 decays next to a reset: finite everywhere and still the separate runs (the compiled
   functions of test_packed_matches_separate, other values)."""

@@ -6,6 +6,9 @@ With chunks of C tokens and `b_i = sum_{j<=i} g_j` inside a chunk:
 The intra part is one masked [C, C] score matrix per chunk, computed for all chunks at once; only the fp32
 states go through the sequential scan over chunks. The log decay has a trailing axis of 1 (scalar decay,
 broadcast over key_dim) or key_dim (vector decay); the two differ only in how the intra scores are built.
+With segment ids (segments.py) the same formulas hold per document: the intra scores keep the pairs of one
+document, q_i reads S_prev only in the document of the token before the chunk, S_new sums the keys of the
+chunk's last document only, and keeps e^{b_C} S_prev only if the chunk has no boundary.
 """
 
 import jax

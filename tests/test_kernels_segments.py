@@ -28,6 +28,7 @@ LENGTHS = ((1, 15, 1, 5, 18), (3, 29, 7, 1))
 SEQ = sum(LENGTHS[0])
 BOUNDARIES = sorted({int(s) for row in LENGTHS for s in np.cumsum(row)[:-1]})
 assert all(sum(row) == SEQ for row in LENGTHS) and len(LENGTHS) == BATCH
+assert {CHUNK, 2 * CHUNK} <= set(BOUNDARIES) and SEQ % CHUNK  # boundaries on chunk edges, a ragged end
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,12 +6,15 @@ With chunks of C tokens and `b_i = sum_{j<=i} g_j` inside a chunk:
 The intra part is one masked [C, C] score matrix per chunk, computed for all chunks at once; only the fp32
 states go through the sequential scan over chunks. The log decay has a trailing axis of 1 (scalar decay,
 broadcast over key_dim) or key_dim (vector decay); the two differ only in how the intra scores are built.
+With segment ids (segments.py) the same formulas hold per document: the intra scores keep the pairs of one
+document, q_i reads S_prev only in the document of the token before the chunk, S_new sums the keys of the
+chunk's last document only, and keeps e^{b_C} S_prev only if the chunk has no boundary.
 """
 
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import common
+from linmoe.kernels import common, segments
 
 # Log decays are clamped from below here before the cumulative sums. A gate of -1e4 or -inf would otherwise
 # make the in-chunk cumsum b huge or infinite, so that b_i - b_j loses all precision or is inf - inf = nan
@@ -89,7 +92,8 @@ def _intra_scores_vector(q: jax.Array, k: jax.Array, b: jax.Array, sub_chunk_siz
 
 
 def chunk_state_pass(q_decayed: jax.Array, k_decayed: jax.Array, v: jax.Array, b_last: jax.Array,
-                     initial_state: jax.Array) -> tuple[jax.Array, jax.Array]:
+                     initial_state: jax.Array,
+                     carries: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Sequential pass of the fp32 memory over chunks, with the inter-chunk outputs (unscaled).
 
   Args:
@@ -98,6 +102,8 @@ def chunk_state_pass(q_decayed: jax.Array, k_decayed: jax.Array, v: jax.Array, b
     v: [batch, n_chunks, C, heads, value_dim].
     b_last: total log decay of each chunk [batch, n_chunks, heads, decay_dim].
     initial_state: [batch, heads, key_dim, value_dim] fp32.
+    carries: optional [batch, n_chunks] bool; where False the incoming state does not pass through the
+      chunk (segments.ChunkMasks.carries).
 
   Returns:
     Inter-chunk outputs [batch, n_chunks, C, heads, value_dim] fp32, final state [batch, heads, key_dim,
@@ -105,12 +111,13 @@ def chunk_state_pass(q_decayed: jax.Array, k_decayed: jax.Array, v: jax.Array, b
   """
 
   def body(state, chunk):
-    q_c, k_c, v_c, b_last_c = chunk
+    q_c, k_c, v_c, decay_c = chunk
     o_c = jnp.einsum("bchk,bhkv->bchv", q_c, state, preferred_element_type=common.STATE_DTYPE)
     update = jnp.einsum("bchk,bchv->bhkv", k_c, v_c, preferred_element_type=common.STATE_DTYPE)
-    return jnp.exp(b_last_c)[..., None] * state + update, o_c
+    return decay_c[..., None] * state + update, o_c
 
-  chunks = tuple(jnp.moveaxis(x, 1, 0) for x in (q_decayed, k_decayed, v, b_last))
+  decay = segments.keep(carries, jnp.exp(b_last))
+  chunks = tuple(jnp.moveaxis(x, 1, 0) for x in (q_decayed, k_decayed, v, decay))
   final_state, o = jax.lax.scan(body, initial_state, chunks)
   return jnp.moveaxis(o, 0, 1), final_state
 
@@ -126,7 +133,8 @@ def _check_tiling(chunk_size: int, sub_chunk_size: int, vector_decay: bool) -> N
 
 def chunked_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
                        initial_state: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       sub_chunk_size: int = DEFAULT_SUB_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+                       sub_chunk_size: int = DEFAULT_SUB_CHUNK_SIZE,
+                       segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Chunked decay recurrence; same results as `naive.naive_recurrence`.
 
   Args:
@@ -138,6 +146,8 @@ def chunked_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *
     initial_state: optional [batch, heads, key_dim, value_dim].
     chunk_size: C; any seq works (zero padding at the end, which leaves the state unchanged).
     sub_chunk_size: sub-chunk of the vector-decay intra part; must divide C.
+    segment_ids: optional document ids [batch, seq]: the intra pairs, the reads of the incoming state and
+      the writes of the outgoing one are masked to one document (segments.py).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
@@ -146,6 +156,7 @@ def chunked_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *
   vector_decay = g.shape[-1] != 1
   _check_tiling(chunk_size, sub_chunk_size, vector_decay)
   state = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
+  masks = segments.chunk_masks(segment_ids, chunk_size)
 
   q_c, k_c, v_c, g_c = (common.to_chunks(x, chunk_size) for x in (q, k, v, g))
   g_c = jnp.maximum(g_c.astype(common.STATE_DTYPE), LOG_DECAY_FLOOR)
@@ -159,12 +170,13 @@ def chunked_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *
     scores = _intra_scores_vector(q_f, k_f, b_f, sub_chunk_size)
   else:
     scores = _intra_scores_scalar(q_f, k_f, b_f)
+  scores = segments.keep(masks.same, scores)
   o_intra = jnp.einsum("nijh,njhv->nihv", scores, v_f, preferred_element_type=common.STATE_DTYPE)
   o_intra = o_intra.reshape(v_c.shape)
 
-  q_decayed = q_c * jnp.exp(b)
-  k_decayed = k_c * jnp.exp(b_last[:, :, None] - b)
-  o_inter, final_state = chunk_state_pass(q_decayed, k_decayed, v_c, b_last, state)
+  q_decayed = segments.keep(masks.reads_prev, q_c * jnp.exp(b))
+  k_decayed = segments.keep(masks.in_last, k_c * jnp.exp(b_last[:, :, None] - b))
+  o_inter, final_state = chunk_state_pass(q_decayed, k_decayed, v_c, b_last, state, masks.carries)
 
   o = common.from_chunks(scale * (o_inter + o_intra), seq_len)
   return o.astype(v.dtype), final_state

@@ -1,5 +1,6 @@
 """Helpers shared by the recurrence ops: shape checks, impl dispatch, state and chunk layout."""
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -7,6 +8,9 @@ import jax.numpy as jnp
 
 STATE_DTYPE = jnp.float32
 AUTO_IMPL = "auto"
+# The implementations that take `segment_ids` (linmoe/kernels/segments.py); the Pallas kernels do not yet.
+SEGMENT_IMPLS = ("naive", "chunked", "scan")
+DEFAULT_SEGMENT_IMPL = "chunked"
 
 
 def check_shape(name: str, x: jax.Array, expected: Sequence[int], layout: str) -> None:
@@ -48,13 +52,25 @@ def initial_state_or_zeros(initial_state: jax.Array | None, batch: int, heads: i
   return initial_state.astype(STATE_DTYPE)
 
 
-def select_impl(impls: Mapping[str, Callable], impl: str, auto: str) -> Callable:
-  """Looks `impl` up in `impls`; "auto" means `auto`. Raises ValueError naming the allowed values."""
+def select_impl(impls: Mapping[str, Callable], impl: str, auto: str,
+                segment_ids: jax.Array | None = None) -> Callable:
+  """Looks `impl` up in `impls`; "auto" means `auto`. Raises ValueError naming the allowed values.
+
+  With segment_ids, the implementation must take them (SEGMENT_IMPLS): "auto" falls back to
+  DEFAULT_SEGMENT_IMPL, another name raises; the returned function has segment_ids bound.
+  """
   name = auto if impl == AUTO_IMPL else impl
   if name not in impls:
     allowed = ", ".join(repr(n) for n in [*impls, AUTO_IMPL])
     raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
-  return impls[name]
+  if segment_ids is None:
+    return impls[name]
+  if name not in SEGMENT_IMPLS:
+    if impl != AUTO_IMPL:
+      supported = ", ".join(repr(n) for n in SEGMENT_IMPLS if n in impls)
+      raise ValueError(f"impl={impl!r} does not support segment_ids yet; use one of {supported}")
+    name = DEFAULT_SEGMENT_IMPL
+  return functools.partial(impls[name], segment_ids=segment_ids)
 
 
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:

@@ -36,7 +36,8 @@ def delta_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, beta_t: jax.Array
 
 
 def naive_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array, *,
-                     scale: float, initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     scale: float, initial_state: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The reference: `jax.lax.scan` of `delta_step` over tokens.
 
   Args:
@@ -47,10 +48,11 @@ def naive_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, 
     g: log decay [batch, seq, heads, 1].
     scale: output scale.
     initial_state: optional [batch, heads, key_dim, value_dim].
+    segment_ids: optional document ids [batch, seq]; the state is zeroed at each boundary (segments.py).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
   batch, _, heads, key_dim = q.shape
   state = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
-  return naive.scan_tokens(delta_step, (q, k, v, beta, g), state, scale)
+  return naive.scan_tokens(delta_step, (q, k, v, beta, g), state, scale, segment_ids)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import jax
 
-from linmoe.kernels import chunked, common, delta_chunked, delta_naive, gla
+from linmoe.kernels import chunked, common, delta_chunked, delta_naive, gla, segments
 from linmoe.kernels.pallas import delta as pallas_delta
 
 _SEQ_AXES = ("batch", "seq", "heads")
@@ -17,13 +17,16 @@ _STEP_AXES = ("batch", "heads")
 
 
 def _naive(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array, *, scale: float,
-           initial_state: jax.Array | None, **tiling: int) -> tuple[jax.Array, jax.Array]:
+           initial_state: jax.Array | None, segment_ids: jax.Array | None = None,
+           **tiling: int) -> tuple[jax.Array, jax.Array]:
   """The token loop under the implementations' common signature."""
   del tiling  # The token loop has no chunks.
-  return delta_naive.naive_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state)
+  return delta_naive.naive_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                      segment_ids=segment_ids)
 
 
-# Implementations by name; each takes (q, k, v, beta, g [.., 1], *, scale, initial_state, **tiling).
+# Implementations by name; each takes (q, k, v, beta, g [.., 1], *, scale, initial_state, **tiling), and
+# those of common.SEGMENT_IMPLS a keyword segment_ids.
 _IMPLS = {"naive": _naive, "chunked": delta_chunked.chunked_delta_rule,
           "pallas": pallas_delta.pallas_delta_rule}
 
@@ -45,7 +48,8 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: 
 
 
 def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array | None = None, *,
-               scale: float | None = None, initial_state: jax.Array | None = None, impl: str = "auto",
+               scale: float | None = None, initial_state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, impl: str = "auto",
                chunk_size: int = chunked.DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
   """The delta rule (DeltaNet), gated by a data-dependent decay per head and token when g is given.
 
@@ -56,15 +60,18 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax
     beta: write strength in [0, 1] [batch, seq, heads].
     g: log decay (<= 0; -inf allowed) [batch, seq, heads], or None for no decay (DeltaNet).
     scale: output scale, default key_dim ** -0.5.
-    initial_state: optional memory [batch, heads, key_dim, value_dim].
+    initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
+    segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
+      the id changes (linmoe/kernels/segments.py); not with "pallas" yet ("auto" then takes "chunked").
     impl: "naive", "chunked", "pallas" (key_dim, value_dim 64 or 128) or "auto".
     chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, chunk_size))
+  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, chunk_size), segment_ids)
   g = _check_inputs(q, k, v, beta, g, initial_state, _SEQ_AXES)
+  segments.check(segment_ids, *q.shape[:2])
   scale = common.default_scale(scale, q.shape[-1])
   return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
 

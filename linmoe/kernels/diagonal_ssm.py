@@ -8,6 +8,8 @@ linear recurrence: "scan" runs `jax.lax.associative_scan` inside chunks of C tok
 from chunk to chunk with `jax.lax.scan`. The backward pass of a chunk is the same recurrence run backwards
 in time (one reverse associative scan, a custom VJP: 2-3x faster than differentiating the scan), and each
 chunk is rematerialized there, so memory holds the [K, V] states of one chunk plus one per chunk.
+With segment ids, the affine map of a document's first token is S -> update (its decay multiplier is
+masked to exactly 0 by a select, not by a gate value), so the scan restarts there in both directions.
 """
 
 from collections.abc import Sequence
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import common
+from linmoe.kernels import common, naive, segments
 
 DEFAULT_CHUNK_SIZE = 64
 _SEQ_AXES = ("batch", "seq", "heads")
@@ -32,16 +34,11 @@ def _step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, g_t: jax.Array, state:
 
 
 def _naive(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
-           initial_state: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+           initial_state: jax.Array, chunk_size: int,
+           segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The reference: `jax.lax.scan` of `_step` over tokens (no chunks)."""
   del chunk_size
-
-  def body(state, token):
-    o_t, state = _step(*token, state, scale)
-    return state, o_t
-
-  final_state, o = jax.lax.scan(body, initial_state, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g)))
-  return jnp.moveaxis(o, 0, 1), final_state
+  return naive.scan_tokens(_step, (q, k, v, g), initial_state, scale, segment_ids)
 
 
 def _compose(earlier: tuple[jax.Array, jax.Array],
@@ -80,21 +77,24 @@ _linear_recurrence.defvjp(_linear_recurrence_fwd, _linear_recurrence_bwd)
 
 
 def _scan(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
-          initial_state: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+          initial_state: jax.Array, chunk_size: int,
+          segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Associative scan inside chunks, sequential scan over chunks; same results as `_naive`."""
   seq_len = q.shape[1]
   # Padding at the end has k = 0 and g = 0: it leaves the state unchanged.
   chunks = tuple(jnp.moveaxis(common.to_chunks(x, chunk_size), 1, 0) for x in (q, k, v, g))
+  continues = segments.chunk_masks(segment_ids, chunk_size).continues  # [batch, n_chunks, C] or None
+  continues = None if continues is None else jnp.moveaxis(continues, 1, 0)
 
   def body(state, chunk):
-    q_c, k_c, v_c, g_c = chunk  # [batch, C, heads, ...]
-    decay = jnp.exp(g_c.astype(common.STATE_DTYPE))
+    (q_c, k_c, v_c, g_c), continues_c = chunk  # [batch, C, heads, ...], [batch, C]
+    decay = segments.keep(continues_c, jnp.exp(g_c.astype(common.STATE_DTYPE)))
     update = jnp.einsum("bchk,bchv->bchkv", k_c, v_c, preferred_element_type=common.STATE_DTYPE)
     states = _linear_recurrence(decay, update, state)  # [batch, C, heads, K, V]
     o_c = jnp.einsum("bchk,bchkv->bchv", q_c, states, preferred_element_type=common.STATE_DTYPE)
     return states[:, -1], o_c
 
-  final_state, o = jax.lax.scan(jax.checkpoint(body), initial_state, chunks)
+  final_state, o = jax.lax.scan(jax.checkpoint(body), initial_state, (chunks, continues))
   o = common.from_chunks(jnp.moveaxis(o, 0, 1), seq_len)
   return (scale * o).astype(v.dtype), final_state
 
@@ -117,7 +117,8 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, state:
 
 
 def diagonal_ssm(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float | None = None,
-                 initial_state: jax.Array | None = None, impl: str = "auto",
+                 initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 impl: str = "auto",
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
   """The diagonal SSM recurrence over a sequence.
 
@@ -128,15 +129,18 @@ def diagonal_ssm(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scal
     g: log decay (<= 0; -inf allowed) [batch, seq, heads, key_dim, value_dim].
     scale: output scale, default key_dim ** -0.5 as the other ops (an SSM's unscaled readout y = C h
       takes scale=1, or q * key_dim ** 0.5).
-    initial_state: optional memory [batch, heads, key_dim, value_dim].
+    initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
+    segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
+      the id changes (linmoe/kernels/segments.py).
     impl: "naive" (token loop), "scan" (chunk-wise associative scan; also called "chunked") or "auto".
     chunk_size: tokens per associative scan; any seq works.
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  fn = common.select_impl(_IMPLS, impl, _AUTO)
+  fn = common.select_impl(_IMPLS, impl, _AUTO, segment_ids)
   _check_inputs(q, k, v, g, initial_state, _SEQ_AXES)
+  segments.check(segment_ids, *q.shape[:2])
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   batch, _, heads, key_dim = q.shape

@@ -14,13 +14,15 @@ row; with A_qk, A_qb the scores of q, all four come from one `chunked._intra_sco
   o     = scale * [(q * e^B) S_prev + A_qk V + A_qb U],
   S_new = e^{B_C} * S_prev + (k * e^{B_C - B})^T V + (b * e^{B_C - B})^T U,
 which is `delta_chunked.delta_chunk_pass` on 2C rows (keys [k; b], values [V; U], W = [0; -W]). Padding
-(all inputs zero) leaves the state unchanged.
+(all inputs zero) leaves the state unchanged. With segment ids (segments.py) the four score matrices keep
+the pairs of one document, W and the inter outputs the tokens of the document that owns S_prev, and
+S_new the keys of the chunk's last document, plus S_prev if the chunk has no boundary.
 """
 
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import chunked, common, delta_chunked
+from linmoe.kernels import chunked, common, delta_chunked, naive, segments
 from linmoe.kernels.triangular import shift_down, unit_lower_solve
 
 _SEQ_AXES = ("batch", "seq", "heads")
@@ -40,23 +42,18 @@ def dplr_token(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, a_t: jax.Array, b
   return o_t.astype(v_t.dtype), state
 
 
-def _naive(q, k, v, a, b, g, *, scale, initial_state, **tiling):
+def _naive(q, k, v, a, b, g, *, scale, initial_state, segment_ids=None, **tiling):
   """The reference: `jax.lax.scan` of `dplr_token` over tokens."""
   del tiling  # The token loop has no chunks.
-
-  def body(state, token):
-    o_t, state = dplr_token(*token, state, scale)
-    return state, o_t
-
-  final_state, o = jax.lax.scan(body, initial_state, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, a, b, g)))
-  return jnp.moveaxis(o, 0, 1), final_state
+  return naive.scan_tokens(dplr_token, (q, k, v, a, b, g), initial_state, scale, segment_ids)
 
 
 def _chunked(q, k, v, a, b, g, *, scale, initial_state, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
-             sub_chunk_size=chunked.DEFAULT_SUB_CHUNK_SIZE):
+             sub_chunk_size=chunked.DEFAULT_SUB_CHUNK_SIZE, segment_ids=None):
   """Chunked form (module docstring); same results as `_naive`."""
   chunked._check_tiling(chunk_size, sub_chunk_size, vector_decay=True)
   f32, seq_len, heads = common.STATE_DTYPE, q.shape[1], q.shape[2]
+  masks = segments.chunk_masks(segment_ids, chunk_size)
   q_c, k_c, v_c, a_c, b_c, g_c = (common.to_chunks(x, chunk_size) for x in (q, k, v, a, b, g))
   # B_i, the cumulative log decay inside each chunk: [batch, n_chunks, C, heads, key_dim].
   cum = jnp.cumsum(jnp.maximum(g_c.astype(f32), chunked.LOG_DECAY_FLOOR), axis=2)
@@ -70,18 +67,21 @@ def _chunked(q, k, v, a, b, g, *, scale, initial_state, chunk_size=chunked.DEFAU
       jnp.concatenate([q_f, q_f, a_next, a_next], axis=2), jnp.concatenate([k_f, b_f, k_f, b_f], axis=2),
       jnp.concatenate([cum_f] * 4, axis=2), sub_chunk_size)  # [n, C, C, 4H]
   qk, qb, ak, ab = (scores[..., i * heads:(i + 1) * heads] for i in range(4))
-  ak, ab = shift_down(ak), shift_down(ab)
+  # After the shift, row i of ak, ab scores a_i against j < i: all four are masked as pairs (i, j).
+  qk, qb, ak, ab = (segments.keep(masks.same, x) for x in (qk, qb, shift_down(ak), shift_down(ab)))
 
   rhs = jnp.concatenate([a_f * jnp.exp(shift_down(cum_f)),
                          jnp.einsum("nijh,njhv->nihv", ak, v_f, preferred_element_type=f32)], axis=-1)
   w_u = unit_lower_solve(-ab, rhs).reshape(*k_c.shape[:2], *rhs.shape[1:])
   w, u = w_u[..., :q.shape[-1]], w_u[..., q.shape[-1]:]
+  w = segments.keep(masks.reads_prev, w)  # the solve is block diagonal by document: W masked per token
 
-  decay_to_end = jnp.exp(cum_last[:, :, None] - cum)
+  decay_to_end = segments.keep(masks.in_last, jnp.exp(cum_last[:, :, None] - cum))
   keys = jnp.concatenate([k_c * decay_to_end, b_c * decay_to_end], axis=2)  # [B, N, 2C, H, K]
   o_inter, values, final_state = delta_chunked.delta_chunk_pass(
-      q_c * jnp.exp(cum), keys, jnp.concatenate([jnp.zeros_like(w), -w], axis=2),
-      jnp.concatenate([v_c.astype(f32), u], axis=2), cum_last, initial_state)  # values: [V; U]
+      segments.keep(masks.reads_prev, q_c * jnp.exp(cum)), keys,
+      jnp.concatenate([jnp.zeros_like(w), -w], axis=2), jnp.concatenate([v_c.astype(f32), u], axis=2),
+      cum_last, initial_state, masks.carries)  # values: [V; U]
 
   o_intra = jnp.einsum("nijh,njhv->nihv", jnp.concatenate([qk, qb], axis=2), flat(values),
                        preferred_element_type=f32)
@@ -105,7 +105,8 @@ def _check_inputs(q, k, v, vectors, state, lead_axes) -> None:
 
 
 def dplr(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array, g: jax.Array, *,
-         scale: float | None = None, initial_state: jax.Array | None = None, impl: str = "auto",
+         scale: float | None = None, initial_state: jax.Array | None = None,
+         segment_ids: jax.Array | None = None, impl: str = "auto",
          chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
          sub_chunk_size: int = chunked.DEFAULT_SUB_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
   """S_t = (diag(e^{g_t}) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t.
@@ -118,7 +119,9 @@ def dplr(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array, g
     b: the low-rank write vector [batch, seq, heads, key_dim].
     g: log decay (<= 0; -inf allowed) [batch, seq, heads, key_dim].
     scale: output scale, default key_dim ** -0.5.
-    initial_state: optional memory [batch, heads, key_dim, value_dim].
+    initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
+    segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
+      the id changes (linmoe/kernels/segments.py).
     impl: "naive", "chunked" or "auto".
     chunk_size: chunk length of the chunked form.
     sub_chunk_size: sub-chunk length of its intra part; must divide chunk_size.
@@ -126,8 +129,9 @@ def dplr(q: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array, g
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  fn = common.select_impl(_IMPLS, impl, _AUTO)
+  fn = common.select_impl(_IMPLS, impl, _AUTO, segment_ids)
   _check_inputs(q, k, v, (a, b, g), initial_state, _SEQ_AXES)
+  segments.check(segment_ids, *q.shape[:2])
   state = common.initial_state_or_zeros(initial_state, q.shape[0], q.shape[2], q.shape[3], v.shape[3])
   return fn(q, k, v, a, b, g, scale=common.default_scale(scale, q.shape[-1]), initial_state=state,
             chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)

@@ -10,20 +10,23 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import chunked, common, naive, pallas
+from linmoe.kernels import chunked, common, naive, pallas, segments
 
 _SEQ_AXES = ("batch", "seq", "heads")
 _STEP_AXES = ("batch", "heads")
 
 
 def _naive(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
-           initial_state: jax.Array | None, **tiling: int) -> tuple[jax.Array, jax.Array]:
+           initial_state: jax.Array | None, segment_ids: jax.Array | None = None,
+           **tiling: int) -> tuple[jax.Array, jax.Array]:
   """The token loop under the implementations' common signature."""
   del tiling  # The token loop has no chunks.
-  return naive.naive_recurrence(q, k, v, g, scale=scale, initial_state=initial_state)
+  return naive.naive_recurrence(q, k, v, g, scale=scale, initial_state=initial_state,
+                                segment_ids=segment_ids)
 
 
-# Implementations by name; each takes (q, k, v, g [.., decay_dim], *, scale, initial_state, **tiling).
+# Implementations by name; each takes (q, k, v, g [.., decay_dim], *, scale, initial_state, **tiling), and
+# those of common.SEGMENT_IMPLS a keyword segment_ids.
 _IMPLS = {"naive": _naive, "chunked": chunked.chunked_recurrence, "pallas": pallas.pallas_recurrence}
 
 
@@ -62,17 +65,19 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
 
 
 def _run(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, scale: float | None,
-         initial_state: jax.Array | None, impl: str, per_key_decay: bool,
+         initial_state: jax.Array | None, segment_ids: jax.Array | None, impl: str, per_key_decay: bool,
          **tiling: int) -> tuple[jax.Array, jax.Array]:
   """Validates the sequence inputs and calls the implementation named by `impl`."""
-  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, per_key_decay, **tiling))
+  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, per_key_decay, **tiling), segment_ids)
   g = _check_inputs(q, k, v, g, initial_state, _SEQ_AXES, per_key_decay)
+  segments.check(segment_ids, *q.shape[:2])
   scale = common.default_scale(scale, q.shape[-1])
   return fn(q, k, v, g, scale=scale, initial_state=initial_state, **tiling)
 
 
 def simple_gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None = None, *,
-               scale: float | None = None, initial_state: jax.Array | None = None, impl: str = "auto",
+               scale: float | None = None, initial_state: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, impl: str = "auto",
                chunk_size: int = chunked.DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
   """Linear attention with one data-dependent decay per head and token.
 
@@ -82,18 +87,20 @@ def simple_gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None = N
     v: values [batch, seq, heads, value_dim].
     g: log decay (<= 0; -inf allowed) [batch, seq, heads], or None for no decay.
     scale: output scale, default key_dim ** -0.5.
-    initial_state: optional memory [batch, heads, key_dim, value_dim].
+    initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
+    segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
+      the id changes (linmoe/kernels/segments.py); "naive" and "chunked" only ("auto" picks "chunked").
     impl: "naive", "chunked", "pallas" (key_dim, value_dim powers of two >= 16) or "auto".
     chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  return _run(q, k, v, g, scale, initial_state, impl, per_key_decay=False, chunk_size=chunk_size)
+  return _run(q, k, v, g, scale, initial_state, segment_ids, impl, per_key_decay=False, chunk_size=chunk_size)
 
 
 def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float | None = None,
-        initial_state: jax.Array | None = None, impl: str = "auto",
+        initial_state: jax.Array | None = None, segment_ids: jax.Array | None = None, impl: str = "auto",
         chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
         sub_chunk_size: int = chunked.DEFAULT_SUB_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
   """Gated linear attention: a data-dependent decay per key channel, head and token.
@@ -104,7 +111,9 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
     v: values [batch, seq, heads, value_dim].
     g: log decay (<= 0; -inf allowed) [batch, seq, heads, key_dim].
     scale: output scale, default key_dim ** -0.5.
-    initial_state: optional memory [batch, heads, key_dim, value_dim].
+    initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
+    segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
+      the id changes (linmoe/kernels/segments.py); "naive" and "chunked" only ("auto" picks "chunked").
     impl: "naive", "chunked", "pallas" (key_dim, value_dim powers of two >= 16) or "auto".
     chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
     sub_chunk_size: sub-chunk length of the chunked intra part; must divide chunk_size ("pallas": a power of
@@ -113,7 +122,7 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  return _run(q, k, v, g, scale, initial_state, impl, per_key_decay=True, chunk_size=chunk_size,
+  return _run(q, k, v, g, scale, initial_state, segment_ids, impl, per_key_decay=True, chunk_size=chunk_size,
               sub_chunk_size=sub_chunk_size)
 
 

@@ -7,7 +7,7 @@ trailing size 1 (one decay per head, broadcast over key_dim) or key_dim (one per
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import common
+from linmoe.kernels import common, segments
 
 
 def decay_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, g_t: jax.Array, state: jax.Array,
@@ -33,7 +33,8 @@ def decay_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, g_t: jax.Array, s
 
 
 def naive_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
-                     initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     initial_state: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The reference: `jax.lax.scan` of `decay_step` over tokens.
 
   Args:
@@ -43,21 +44,33 @@ def naive_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, 
     g: log decay [batch, seq, heads, decay_dim], decay_dim in {1, key_dim}.
     scale: output scale.
     initial_state: optional [batch, heads, key_dim, value_dim].
+    segment_ids: optional document ids [batch, seq] (segments.py).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
   batch, _, heads, key_dim = q.shape
   state = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, v.shape[-1])
-  return scan_tokens(decay_step, (q, k, v, g), state, scale)
+  return scan_tokens(decay_step, (q, k, v, g), state, scale, segment_ids)
 
 
-def scan_tokens(step, inputs: tuple[jax.Array, ...], state, scale: float):
+def scan_tokens(step, inputs: tuple[jax.Array, ...], state, scale: float,
+                segment_ids: jax.Array | None = None):
   """`jax.lax.scan` of `step(*inputs_t, state, scale) -> (o_t, state)` over the seq axis (1) of every
-  input; returns o [batch, seq, ...] and the final state. The body of every token-loop reference."""
+  input; returns o [batch, seq, ...] and the final state. The body of every token-loop reference.
+
+  With segment_ids [batch, seq], the carried state (any pytree of [batch, ...] arrays) is zeroed before
+  the first token of every new document.
+  """
+  continues = segments.continues(segment_ids)
+
   def body(state, token):
+    if continues is not None:
+      *token, continues_t = token
+      state = segments.reset_state(state, continues_t)
     o_t, state = step(*token, state, scale)
     return state, o_t
 
-  final_state, o = jax.lax.scan(body, state, tuple(jnp.moveaxis(x, 1, 0) for x in inputs))
+  tokens = inputs if continues is None else (*inputs, continues)
+  final_state, o = jax.lax.scan(body, state, tuple(jnp.moveaxis(x, 1, 0) for x in tokens))
   return jnp.moveaxis(o, 0, 1), final_state

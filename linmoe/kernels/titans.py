@@ -24,13 +24,18 @@ L_ij = D_{i-1,j} theta_j (k_i . k_j), solved once per chunk for E = U - W_M M_0 
 scan over chunks carries (M, S) and forms E; the intra outputs scale * sum_{j<=i} D_ij theta_j (q_i . k_j)
 e_j are batched after it. The chunk-end update reads the row of the chunk's last real token, so the
 zero padding of the last chunk never touches the state.
+
+With segment ids (segments.py), Gamma_P and Gamma_H (so D, L and the intra scores) keep the pairs of one
+document; P(i, 0), H(i, 0), hence c_i, and the rows of W_M, W_S keep the tokens of the document that owns
+(M_0, S_0); the chunk-end row then holds only the keys of the chunk's last document, and (M_0, S_0) pass
+through the chunk only if it has no boundary.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linmoe.kernels import chunked, common
+from linmoe.kernels import chunked, common, naive, segments
 from linmoe.kernels.triangular import shift_down, unit_lower_solve
 
 _SEQ_AXES = ("batch", "seq", "heads")
@@ -53,17 +58,10 @@ def titans_token(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, theta_t: jax.Ar
   return o_t.astype(v_t.dtype), (memory, momentum)
 
 
-def _naive(q, k, v, theta, g, g_momentum, *, scale, initial_state, **tiling):
+def _naive(q, k, v, theta, g, g_momentum, *, scale, initial_state, segment_ids=None, **tiling):
   """The reference: `jax.lax.scan` of `titans_token` over tokens."""
   del tiling  # The token loop has no chunks.
-
-  def body(state, token):
-    o_t, state = titans_token(*token, state, scale)
-    return state, o_t
-
-  tokens = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, theta, g, g_momentum))
-  final_state, o = jax.lax.scan(body, initial_state, tokens)
-  return jnp.moveaxis(o, 0, 1), final_state
+  return naive.scan_tokens(titans_token, (q, k, v, theta, g, g_momentum), initial_state, scale, segment_ids)
 
 
 def _chunk_pass(inputs: tuple, state: State) -> tuple[jax.Array, jax.Array, State]:
@@ -85,20 +83,24 @@ def _chunk_pass(inputs: tuple, state: State) -> tuple[jax.Array, jax.Array, Stat
   return jnp.moveaxis(o, 0, 1), jnp.moveaxis(error, 0, 1), state
 
 
-def _chunked(q, k, v, theta, g, g_momentum, *, scale, initial_state, chunk_size=chunked.DEFAULT_CHUNK_SIZE):
+def _chunked(q, k, v, theta, g, g_momentum, *, scale, initial_state, chunk_size=chunked.DEFAULT_CHUNK_SIZE,
+             segment_ids=None):
   """Chunked form (module docstring); same results as `_naive`."""
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
   f32, (batch, seq_len), key_dim = common.STATE_DTYPE, q.shape[:2], q.shape[-1]
+  masks = segments.chunk_masks(segment_ids, chunk_size)
   q_c, k_c, v_c, theta_c, g_c, gm_c = (common.to_chunks(x, chunk_size) for x in
                                        (q, k, v, theta, g, g_momentum))
   n_chunks = q_c.shape[1]
   cum_p, cum_h = (jnp.cumsum(jnp.maximum(x.astype(f32), chunked.LOG_DECAY_FLOOR), axis=2)[..., None]
                   for x in (g_c, gm_c))  # [B, N, C, H, 1]
   flat = lambda x: x.reshape(-1, *x.shape[2:])
-  gamma_p, gamma_h = (chunked._pairwise_decay(flat(x))[..., 0] for x in (cum_p, cum_h))  # [n, i, j, H]
+  gamma_p, gamma_h = (segments.keep(masks.same, chunked._pairwise_decay(flat(x))[..., 0])
+                      for x in (cum_p, cum_h))  # [n, i, j, H]
   d = jnp.einsum("nimh,nmjh->nijh", gamma_p, gamma_h)
-  p0, h0 = (jnp.exp(flat(x)[..., 0]) for x in (cum_p, cum_h))  # P(i, 0), H(i, 0) [n, C, H]
+  # P(i, 0), H(i, 0): [n, C, H]
+  p0, h0 = (flat(segments.keep(masks.reads_prev, jnp.exp(x[..., 0]))) for x in (cum_p, cum_h))
   c = jnp.einsum("nimh,nmh->nih", gamma_p, h0)
 
   q_f, k_f, v_f = flat(q_c), flat(k_c), flat(v_c)
@@ -106,14 +108,17 @@ def _chunked(q, k, v, theta, g, g_momentum, *, scale, initial_state, chunk_size=
   kk = jnp.einsum("nihk,njhk->nijh", k_f, k_theta, preferred_element_type=f32)
   p0_prev = shift_down(p0 - 1.0) + 1.0  # P(i - 1, 0), with P(-1, 0) = 1
   rhs = jnp.concatenate([p0_prev[..., None] * k_f, shift_down(c)[..., None] * k_f, v_f.astype(f32)], -1)
-  w_m, w_s, u = jnp.split(unit_lower_solve(shift_down(d) * kk, rhs), [key_dim, 2 * key_dim], axis=-1)
+  lower = segments.keep(masks.same, shift_down(d) * kk)  # row i: D_{i-1, j}, a pair of i's document
+  w_m, w_s, u = jnp.split(unit_lower_solve(lower, rhs), [key_dim, 2 * key_dim], axis=-1)
 
   # The chunk-end update reads the row of each chunk's last real token (C - 1 but in the last chunk).
   end = np.minimum(chunk_size - 1, seq_len - 1 - chunk_size * np.arange(n_chunks))
   chunks = lambda x: x.reshape(batch, n_chunks, *x.shape[1:])  # inverse of flat
   at_end = lambda x: chunks(x)[:, np.arange(n_chunks), end]
   key_m, key_s = (at_end(x)[..., None] * chunks(k_theta) for x in (d, gamma_h))
-  inputs = (chunks(p0[..., None] * q_f), chunks(c[..., None] * q_f), chunks(w_m), chunks(w_s), chunks(u),
+  # The solve is block diagonal by document: W_M, W_S (the (M_0, S_0) terms) are masked per token.
+  w_m, w_s = (segments.keep(masks.reads_prev, chunks(x)) for x in (w_m, w_s))
+  inputs = (chunks(p0[..., None] * q_f), chunks(c[..., None] * q_f), w_m, w_s, chunks(u),
             key_m, key_s, at_end(p0), at_end(c), at_end(h0))
   o_inter, error, final_state = _chunk_pass(inputs, initial_state)
 
@@ -141,7 +146,8 @@ def _check_inputs(q, k, v, gates, state, lead_axes) -> None:
 
 
 def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, g: jax.Array, g_momentum: jax.Array,
-           *, scale: float | None = None, initial_state: State | None = None, impl: str = "auto",
+           *, scale: float | None = None, initial_state: State | None = None,
+           segment_ids: jax.Array | None = None, impl: str = "auto",
            chunk_size: int = chunked.DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, State]:
   """Titans' linear memory with momentum and forgetting (module docstring).
 
@@ -153,7 +159,10 @@ def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, g: jax.Ar
     g: log(1 - alpha), the memory's log forget gate (<= 0; -inf allowed) [batch, seq, heads].
     g_momentum: log(eta), the momentum's log decay (<= 0; -inf allowed) [batch, seq, heads].
     scale: output scale, default key_dim ** -0.5.
-    initial_state: optional (memory, momentum), each [batch, heads, key_dim, value_dim].
+    initial_state: optional (memory, momentum), each [batch, heads, key_dim, value_dim], of the first
+      token's document.
+    segment_ids: optional document id per token [batch, seq] int32: memory and momentum restart from zero
+      where the id changes (linmoe/kernels/segments.py).
     impl: "naive", "chunked" or "auto".
     chunk_size: chunk length of the chunked form.
 
@@ -161,8 +170,9 @@ def titans(q: jax.Array, k: jax.Array, v: jax.Array, theta: jax.Array, g: jax.Ar
     o [batch, seq, heads, value_dim] in v's dtype, final (memory, momentum), each [batch, heads, key_dim,
     value_dim] fp32.
   """
-  fn = common.select_impl(_IMPLS, impl, _AUTO)
+  fn = common.select_impl(_IMPLS, impl, _AUTO, segment_ids)
   _check_inputs(q, k, v, (theta, g, g_momentum), initial_state, _SEQ_AXES)
+  segments.check(segment_ids, *q.shape[:2])
   shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
   state = tuple(common.initial_state_or_zeros(s, *shape) for s in (initial_state or (None, None)))
   return fn(q, k, v, theta, g, g_momentum, scale=common.default_scale(scale, q.shape[-1]),

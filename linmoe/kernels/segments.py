@@ -1,0 +1,98 @@
+"""Document boundaries in the recurrence ops: segment ids, and the masks that restart the state.
+
+Every op's sequence form takes `segment_ids: [batch, seq] int32 | None`, a document id per token (None: the
+row is one document). A new document starts wherever the id changes from the previous token (ids are
+expected non-decreasing, as a packer emits them); the memory restarts from zero at its first token, and no
+information crosses a boundary, in outputs, final state or gradients. `initial_state` belongs to the
+document of the row's first token (what LASP-2's shards and chunked prefill need); the final state is that
+of the row's last document.
+
+Why segment ids rather than cu_seqlens (flash-linear-attention packs documents into one flattened row of
+the batch and marks them by cumulative lengths): under jit every array has a fixed shape, and per-row ids
+keep the [batch, seq] layout of the rest of the model (one packed row per batch entry, any number of
+documents per row, no host-side re-layout, batch sharding unchanged), where cu_seqlens has one length per
+batch that changes with the number of documents.
+
+The resets are exact masks, never an extreme gate: the token loop zeroes the carried state at a boundary;
+the chunked forms mask the intra-chunk pairs of different documents, let a token read the incoming chunk
+state only if it is in the document of the token before the chunk, carry the state through a chunk only if
+the chunk has no boundary, and sum into the chunk's outgoing state only the keys of its last document.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from linmoe.kernels import common
+
+
+def check(segment_ids: jax.Array | None, batch: int, seq_len: int) -> None:
+  """Raises ValueError unless segment_ids is None or an integer array [batch, seq]."""
+  if segment_ids is None:
+    return
+  common.check_shape("segment_ids", segment_ids, (batch, seq_len), "[batch, seq]")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+
+
+def continues(segment_ids: jax.Array | None) -> jax.Array | None:
+  """[batch, seq] bool: token t is in the document of token t - 1 (always True at t = 0, which continues
+  the initial state's document); None when segment_ids is None."""
+  if segment_ids is None:
+    return None
+  same = segment_ids[:, 1:] == segment_ids[:, :-1]
+  return jnp.concatenate([jnp.ones_like(same[:, :1]), same], axis=1)
+
+
+def keep(mask: jax.Array | None, x: jax.Array) -> jax.Array:
+  """x where mask, 0 elsewhere (a select, so no gradient reaches the masked entries); x when mask is None.
+
+  Args:
+    mask: bool [*lead] whose axes are x's leading axes, or None.
+    x: [*lead, ...].
+  """
+  if mask is None:
+    return x
+  return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x, jnp.zeros((), x.dtype))
+
+
+def reset_state(state, continues_t: jax.Array):
+  """The token loop's reset: every array of the state pytree ([batch, ...]) zeroed in the rows whose
+  token starts a new document (continues_t [batch] False)."""
+  return jax.tree.map(lambda s: keep(continues_t, s), state)
+
+
+class ChunkMasks(NamedTuple):
+  """Where the chunked forms may mix tokens, for chunks of C tokens ([batch, n_chunks, C] layout; padding at
+  the end continues the last document). Every field is None without segment ids.
+
+  same: [batch * n_chunks, C (i), C (j)], tokens i and j in one document (the flat chunk axis of the intra
+    parts).
+  reads_prev: [batch, n_chunks, C], the token is in the document of the token before the chunk, so it reads
+    the incoming chunk state (chunk 0: the first token's document, which owns the initial state).
+  in_last: [batch, n_chunks, C], the token is in the chunk's last document, so it writes the outgoing state.
+  carries: [batch, n_chunks], the chunk has no boundary, so the incoming state passes through it.
+  continues: [batch, n_chunks, C], as `continues`, with the token before the chunk for i = 0.
+  """
+  same: jax.Array | None = None
+  reads_prev: jax.Array | None = None
+  in_last: jax.Array | None = None
+  carries: jax.Array | None = None
+  continues: jax.Array | None = None
+
+
+def chunk_masks(segment_ids: jax.Array | None, chunk_size: int) -> ChunkMasks:
+  """The masks of the chunked forms (ChunkMasks) for segment_ids [batch, seq]; all None when None."""
+  if segment_ids is None:
+    return ChunkMasks()
+  # Document index: 0 at the first token, + 1 at every boundary; padding repeats the last one.
+  doc = jnp.cumsum(~continues(segment_ids), axis=1, dtype=jnp.int32)
+  doc = jnp.pad(doc, [(0, 0), (0, -doc.shape[1] % chunk_size)], mode="edge")
+  doc = common.to_chunks(doc, chunk_size)  # [B, N, C]
+  prev = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # document of the token before
+  last = doc[:, :, -1]
+  before = jnp.concatenate([prev[:, :, None], doc[:, :, :-1]], axis=2)
+  same = doc[:, :, :, None] == doc[:, :, None, :]
+  return ChunkMasks(same=same.reshape(-1, chunk_size, chunk_size), reads_prev=doc == prev[:, :, None],
+                    in_last=doc == last[:, :, None], carries=last == prev, continues=doc == before)

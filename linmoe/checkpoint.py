@@ -2,7 +2,6 @@
 import json
 import os
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -22,15 +21,12 @@ def save(manager: ocp.CheckpointManager, step: int, state) -> None:
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
   """Restores `step` (default: the latest) into the structure, dtypes and shardings of
-  `abstract_state`; returns None when the workdir has no checkpoint."""
+  `abstract_state` (ShapeDtypeStructs with shardings: each process reads only its shards); returns
+  None when the workdir has no checkpoint."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-
-
-def abstract(state):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -234,9 +234,26 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     product *= size
   if product != device_count:
     _fail("mesh", sizes, f"sizes must multiply to the device count {device_count} (they give {product})")
-  for axis in ("expert", "tensor", "sequence"):
-    if sizes[axis] != 1:
-      _fail(f"mesh.{axis}", sizes[axis], "must be 1: only data and fsdp (as data parallel) are implemented")
+  _check_mesh_divides(config, sizes)
   batch_shards = sizes["data"] * sizes["fsdp"]
   if t.batch_size % batch_shards:
     _fail("train.batch_size", t.batch_size, f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+
+
+
+def _check_mesh_divides(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+  """Each parallel axis must split what it shards into equal parts."""
+  m = config.model
+  tensor, expert, sequence = sizes["tensor"], sizes["expert"], sizes["sequence"]
+  if m.n_heads % tensor:
+    _fail("mesh.tensor", tensor, f"must divide model.n_heads = {m.n_heads}")
+  if m.moe.d_ff % tensor:
+    _fail("mesh.tensor", tensor, f"must divide model.moe.d_ff = {m.moe.d_ff}")
+  if m.moe.num_shared_experts and (m.moe.shared_d_ff or m.moe.d_ff) % tensor:
+    _fail("mesh.tensor", tensor, f"must divide model.moe.shared_d_ff = {m.moe.shared_d_ff}")
+  if expert > 1 and m.moe.num_experts <= 1:
+    _fail("mesh.expert", expert, "must be 1 for a dense model (model.moe.num_experts <= 1)")
+  if m.moe.num_experts > 1 and m.moe.num_experts % expert:
+    _fail("mesh.expert", expert, f"must divide model.moe.num_experts = {m.moe.num_experts}")
+  if config.train.seq_len % sequence:
+    _fail("mesh.sequence", sequence, f"must divide train.seq_len = {config.train.seq_len}")

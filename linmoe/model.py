@@ -9,6 +9,7 @@ from linmoe.layers.attention import CausalAttention
 from linmoe.layers.common import EMBED_INIT_STD, compute_dtype, rms_norm
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.moe import MoE
+from linmoe.parallel.rules import constrain, dense_init, logical
 
 def uses_moe(cfg: ModelConfig) -> bool:
   return cfg.moe.num_experts > 1
@@ -47,14 +48,17 @@ class LinearMoELM(nn.Module):
                cache_len: int = 0) -> tuple[jnp.ndarray, dict]:
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model,
-                     embedding_init=nn.initializers.normal(EMBED_INIT_STD), name="embed")
-    x = embed(tokens).astype(compute_dtype(cfg))
+                     embedding_init=logical(nn.initializers.normal(EMBED_INIT_STD), "vocab", "embed"),
+                     name="embed")
+    x = constrain(embed(tokens).astype(compute_dtype(cfg)))
     aux_per_layer = []
     for i, kind in enumerate(cfg.layer_kinds):
       x, aux = Block(cfg, kind, i, mode, cache_len, name=f"block_{i}")(x)
+      x = constrain(x)
       aux_per_layer.append(aux)
     x = rms_norm(cfg, "final_norm")(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg), name="lm_head")(x)
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
+                      kernel_init=dense_init("embed", "vocab"), name="lm_head")(x)
     aux = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), axis=0), *aux_per_layer) if uses_moe(
         cfg) else {}
     return logits.astype(jnp.float32), aux

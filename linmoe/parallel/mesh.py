@@ -31,3 +31,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Global host arrays -> sharded jax arrays; each process places only its addressable shards (the
+  rows its devices hold), so the same call works with one process or many."""
+  return {k: jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+          for k, a in batch.items()}
+
+
+def bytes_per_device(abstract_tree) -> int:
+  """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs with shardings."""
+  def shard_bytes(a):
+    return int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+  return sum(shard_bytes(a) for a in jax.tree.leaves(abstract_tree))

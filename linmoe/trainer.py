@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import time
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -36,14 +37,16 @@ def param_count(params) -> int:
 class Trainer:
   """Everything one training run needs, built and validated from its config."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    validate(config, jax.device_count())
+  def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None):
+    """`devices`: the mesh's devices (default: all of them, as train.py runs)."""
+    devices = jax.devices() if devices is None else list(devices)
+    validate(config, len(devices))
     self.config = config
     self.data = build_data(config.data, config.train.seq_len, config.seed)
     vocab_size = padded_vocab_size(config.model, self.data.tokenizer.vocab_size)
     self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
     self.model = LinearMoELM(self.model_cfg)
-    self.mesh = make_mesh(config.mesh)
+    self.mesh = make_mesh(config.mesh, devices)
     self.tx = make_optimizer(config.train)
     # Shardings of the train state from the parameters' logical axis names (linmoe/parallel/rules.py):
     # parameters and optimizer moments alike, so FSDP shards both.

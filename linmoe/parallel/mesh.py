@@ -3,6 +3,8 @@
 Parallel code reads the mesh of the surrounding `jax.set_mesh(mesh)` context (the trainer sets it
 around init and every step) through `axis_size`, so layers never hold a mesh object.
 """
+from typing import Sequence
+
 import jax
 import ml_collections
 import numpy as np
@@ -13,10 +15,11 @@ from linmoe.config import MESH_AXES
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-  """A mesh with axes MESH_AXES, sized by the config (validated: product = device count)."""
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with axes MESH_AXES over `devices` (default: all), sized by the config (validated: product
+  = device count)."""
   shape = tuple(mesh_config[axis] for axis in MESH_AXES)
-  return Mesh(np.asarray(jax.devices()).reshape(shape), MESH_AXES)
+  return Mesh(np.asarray(jax.devices() if devices is None else devices).reshape(shape), MESH_AXES)
 
 
 def axis_size(name: str) -> int:

@@ -122,7 +122,8 @@ class Trainer:
     """
     cfg, workdir = self.config.train, self.config.workdir
     until = cfg.steps if until is None else min(until, cfg.steps)
-    checkpoint.write_config(workdir, self.config)
+    if jax.process_index() == 0:  # one writer; the other processes log under <workdir>/process_<i>
+      checkpoint.write_config(workdir, self.config)
     manager = checkpoint.checkpoint_manager(workdir, cfg.keep_checkpoints)
     state = self.restore_or_init(manager)
     start = int(state.step)
@@ -134,7 +135,8 @@ class Trainer:
     print(f"mesh: {dict(self.mesh.shape)}; {self.memory_report()}")
     if start:
       print(f"resumed from {os.path.join(workdir, 'checkpoints')} at step {start}")
-    writer = MetricsWriter(workdir, until, start)
+    writer = MetricsWriter(workdir if jax.process_index() == 0 else os.path.join(
+        workdir, f"process_{jax.process_index()}"), until, start)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last_time, last_step = time.perf_counter(), start
     try:

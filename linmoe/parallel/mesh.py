@@ -1,4 +1,5 @@
-"""The device mesh and the shardings the trainer uses; the only module that knows mesh axis names.
+"""The device mesh and the shardings the trainer uses (with rules.py, the only modules that know
+mesh axis names).
 
 Parallel code reads the mesh of the surrounding `jax.set_mesh(mesh)` context (the trainer sets it
 around init and every step) through `axis_size`, so layers never hold a mesh object.

@@ -50,11 +50,10 @@ class Trainer:
     self.tx = make_optimizer(config.train)
     # Shardings of the train state from the parameters' logical axis names (linmoe/parallel/rules.py):
     # parameters and optimizer moments alike, so FSDP shards both.
-    rng = jax.random.key(config.seed)
-    self.state_shardings = rules.shardings(jax.eval_shape(self._boxed_init, rng), self.mesh)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(self._init, rng), self.state_shardings)
+    boxed = jax.eval_shape(self._boxed_init, jax.random.key(config.seed))
+    self.state_shardings = rules.shardings(boxed, self.mesh)
+    self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       nn.meta.unbox(boxed), self.state_shardings)
     step_fn = functools.partial(train_step, model=self.model, cfg=self.model_cfg, tx=self.tx,
                                 schedule=learning_rate_schedule(config.train))
     data_sharding, params_sharding = batch_sharding(self.mesh), self.state_shardings.params

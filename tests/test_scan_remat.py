@@ -44,10 +44,11 @@ def unrolled():
 
 
 def loss_and_grads(cfg: ModelConfig, params, tokens):
-  """The mean squared logits plus the MoE balance loss (so the aux path is differentiated too)."""
+  """The mean squared logits plus the MoE balance loss (so the aux path is differentiated too);
+  returns ((loss, (aux, logits)), grads)."""
   def loss(p):
     logits, aux = LinearMoELM(cfg).apply({"params": p}, tokens)
-    return jnp.mean(logits**2) + aux["moe_lb_loss"], aux
+    return jnp.mean(logits**2) + aux["moe_lb_loss"], (aux, logits)
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
@@ -60,13 +61,13 @@ def assert_grads_close(actual, expected) -> None:
 
 
 def test_scanned_stack_matches_unrolled(unrolled):
-  cfg, params, tokens, ((loss, aux), grads) = unrolled
+  cfg, params, tokens, ((loss, (aux, _)), grads) = unrolled
   scan_cfg = dataclasses.replace(cfg, scan_layers=True)
   boxed = jax.eval_shape(LinearMoELM(scan_cfg).init, jax.random.key(0), tokens)["params"]
   assert boxed["layers"]["block_0"]["mixer"]["q_proj"]["kernel"].names[0] == "layers"
   scan_params = to_scanned(params, cfg)
   assert jax.tree.structure(scan_params) == jax.tree.structure(nn.meta.unbox(boxed))
-  (scan_loss, scan_aux), scan_grads = loss_and_grads(scan_cfg, scan_params, tokens)
+  (scan_loss, (scan_aux, logits)), scan_grads = loss_and_grads(scan_cfg, scan_params, tokens)
   np.testing.assert_allclose(scan_loss, loss, rtol=1e-5)
   for key in aux:
     np.testing.assert_allclose(scan_aux[key], aux[key], rtol=1e-5, atol=1e-7, err_msg=key)
@@ -74,7 +75,6 @@ def test_scanned_stack_matches_unrolled(unrolled):
 
   # Decoding reads and writes the scanned cache: prefill + one token at a time = the parallel logits.
   model = LinearMoELM(scan_cfg)
-  logits, _ = jax.jit(model.apply)({"params": scan_params}, tokens)
   prompt_logits, cache = jax.jit(prefill, static_argnums=(0, 3))(model, scan_params, tokens[:, :PROMPT], SEQ)
   np.testing.assert_allclose(prompt_logits, logits[:, :PROMPT], atol=2e-4, rtol=0)
   step = jax.jit(decode_step, static_argnums=0)

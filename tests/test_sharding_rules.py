@@ -27,8 +27,10 @@ def test_every_parameter_has_one_logical_name_per_dimension(lsm):
 def test_rules_map_parameters_for_fsdp_tensor_and_experts():
   sizes = {"data": 2, "fsdp": 2, "expert": 2, "tensor": 2, "sequence": 2}
   assert mesh_spec(("embed", "heads", "head_dim"), (32, 4, 8), sizes) == PartitionSpec("fsdp", "tensor", None)
-  assert mesh_spec(("experts", "mlp", "embed"), (4, 16, 32), sizes) == PartitionSpec("expert", "tensor", "fsdp")
-  assert mesh_spec(("batch", "seq", "act_embed"), (8, 16, 32), sizes) == PartitionSpec(("data", "fsdp"), "sequence", None)
+  assert mesh_spec(("experts", "mlp", "embed"), (4, 16, 32), sizes) == PartitionSpec(
+      "expert", "tensor", "fsdp")
+  assert mesh_spec(("batch", "seq", "act_embed"), (8, 16, 32), sizes) == PartitionSpec(
+      ("data", "fsdp"), "sequence", None)
 
 
 def test_axes_that_do_not_divide_a_dimension_are_dropped():

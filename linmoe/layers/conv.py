@@ -25,8 +25,8 @@ class ShortConv(nn.Module):
     full = jnp.concatenate([context, x], axis=1)  # [B, width - 1 + seq, C]
     if cache is not None:
       cache.value = full[:, seq:]
-    kernel = self.param("kernel", logical(nn.initializers.lecun_normal(in_axis=0, out_axis=1), "conv", "channels"),
-                        (self.width, channels)).astype(x.dtype)
+    kernel_init = logical(nn.initializers.lecun_normal(in_axis=0, out_axis=1), "conv", "channels")
+    kernel = self.param("kernel", kernel_init, (self.width, channels)).astype(x.dtype)
     bias = self.param("bias", zeros_init("channels"), (channels,)).astype(x.dtype)
     windows = jnp.stack([full[:, i:i + seq] for i in range(self.width)], axis=2)  # [B, T, W, C]
     y = jnp.einsum("btwc,wc->btc", windows, kernel) + bias

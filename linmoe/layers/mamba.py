@@ -41,7 +41,8 @@ class Mamba(DiagonalSSMLayer):
                                      kernel_init=dense_init("embed", "mlp"), name="in_proj")(x), 2, axis=-1)
     x = self.short_conv(x, "conv", width=CONV_WIDTH)
     dt, b, c = jnp.split(nn.Dense(dt_rank + 2 * self.state_size, use_bias=False, dtype=dtype,
-                                  kernel_init=dense_init("mlp", "lora"), name="x_proj")(x), [dt_rank, dt_rank + self.state_size], axis=-1)
+                                  kernel_init=dense_init("mlp", "lora"), name="x_proj")(x),
+                         [dt_rank, dt_rank + self.state_size], axis=-1)
     dt = nn.Dense(d_inner, dtype=dtype, name="dt_proj",
                   # U[+-rank^-1/2]
                   kernel_init=logical(nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),

@@ -44,8 +44,8 @@ class Mamba2(LSMLayer):
     xs = xs.reshape(*xs.shape[:2], heads, head_dim)  # [B, T, H, P]
     b, c = (jnp.broadcast_to(t[:, :, None], (*t.shape[:2], heads, STATE_DIM)) for t in (b, c))
     dt_bias = self.param("dt_bias", logical(dt_bias_init, "heads"), (heads,))
-    dt = jax.nn.softplus(nn.Dense(heads, use_bias=False, dtype=compute_dtype(cfg), kernel_init=dense_init("embed", "heads"),
-                                  name="dt_proj")(x)
+    dt = jax.nn.softplus(nn.Dense(heads, use_bias=False, dtype=compute_dtype(cfg),
+                                  kernel_init=dense_init("embed", "heads"), name="dt_proj")(x)
                          .astype(jnp.float32) + dt_bias)  # [B, T, H]
     log_decay = -jnp.exp(self.param("A_log", logical(a_log_init, "heads"), (heads,))) * dt
     y = self.recurrence((unit_scale(c), b, (xs * dt[..., None]).astype(xs.dtype), log_decay))

@@ -78,7 +78,8 @@ class RWKV6(LSMLayer):
     d_model = x.shape[-1]
     dx = token_shift(self, x) - x
     mu_x = self.param("mu_x", logical(self.mix_init(1.0, 0.0), "embed"), (d_model,))
-    mu = jnp.stack([self.param(f"mu_{c}", logical(self.mix_init(*p), "embed"), (d_model,)) for c, p in MIX_INITS.items()])
+    mu = jnp.stack([self.param(f"mu_{c}", logical(self.mix_init(*p), "embed"), (d_model,))
+                    for c, p in MIX_INITS.items()])
     w1 = self.param("mix_w1", zeros_init("embed", "mix", "lora"), (d_model, len(MIX_INITS), MIX_RANK))
     w2 = self.param("mix_w2", logical(uniform_init(0.01), "mix", "lora", "embed"),
                     (len(MIX_INITS), MIX_RANK, d_model))
@@ -92,7 +93,8 @@ class RWKV6(LSMLayer):
                         dtype=compute_dtype(self.cfg), name="decay_down")(x_w)
     d = nn.DenseGeneral((self.cfg.n_heads, self.cfg.head_dim),
                         kernel_init=logical(uniform_init(0.01), "lora", "heads", "head_dim"),
-                        bias_init=logical(speed, "heads", "head_dim"), dtype=compute_dtype(self.cfg), name="decay_up")(jnp.tanh(low_rank))
+                        bias_init=logical(speed, "heads", "head_dim"), dtype=compute_dtype(self.cfg),
+                        name="decay_up")(jnp.tanh(low_rank))
     return -jnp.exp(d.astype(jnp.float32))
 
   @nn.compact
@@ -100,8 +102,8 @@ class RWKV6(LSMLayer):
     x_w, x_k, x_v, x_r, x_g = self.ddlerp(x)
     r, k, v, gate = (head_projection(self.cfg, f"{c}_proj")(x_c)
                      for c, x_c in (("r", x_r), ("k", x_k), ("v", x_v), ("g", x_g)))
-    bonus = self.param("bonus", logical(self.channel_init(
-        lambda n, pos, depth: depth * (1.0 - pos) + ((n + 1) % 3 - 1) * 0.1), "heads", "head_dim"), r.shape[2:])
+    bonus_init = self.channel_init(lambda n, pos, depth: depth * (1.0 - pos) + ((n + 1) % 3 - 1) * 0.1)
+    bonus = self.param("bonus", logical(bonus_init, "heads", "head_dim"), r.shape[2:])
     o = self.recurrence((unit_scale(r), k, v, self.log_decay(x_w), jnp.broadcast_to(bonus, r.shape)))
     o = nn.LayerNorm(epsilon=GROUP_NORM_EPS, reduction_axes=-1, feature_axes=(-2, -1),
                      scale_init=ones_init("heads", "head_dim"), bias_init=zeros_init("heads", "head_dim"),

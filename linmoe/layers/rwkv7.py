@@ -57,8 +57,8 @@ class RWKV7(RWKV6):
     h = h if activation is None else activation(h)
     up = nn.Dense(cfg.d_model, use_bias=bias_init is not None,
                   bias_init=logical(bias_init or nn.initializers.zeros, "channels"),
-                  kernel_init=logical(nn.initializers.orthogonal(LORA_UP_SCALE), "lora", "channels"), dtype=dtype,
-                  name=f"{name}_up")(h)
+                  kernel_init=logical(nn.initializers.orthogonal(LORA_UP_SCALE), "lora", "channels"),
+                  dtype=dtype, name=f"{name}_up")(h)
     return up.reshape(*x.shape[:2], cfg.n_heads, cfg.head_dim)
 
   @nn.compact
@@ -66,7 +66,8 @@ class RWKV7(RWKV6):
     cfg = self.cfg
     dx = token_shift(self, x) - x
     x_r, x_w, x_k, x_v, x_a, x_g = (
-        x + dx * self.param(f"mu_{c}", logical(self.mix_init(p, 0.0), "embed"), (cfg.d_model,)) for c, p in MIX_POWERS.items())
+        x + dx * self.param(f"mu_{c}", logical(self.mix_init(p, 0.0), "embed"), (cfg.d_model,))
+        for c, p in MIX_POWERS.items())
     r, k, v = (head_projection(cfg, f"{c}_proj")(x_c) for c, x_c in (("r", x_r), ("k", x_k), ("v", x_v)))
 
     def speed(n, pos, depth):  # the decay LoRA's bias

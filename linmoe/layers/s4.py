@@ -39,5 +39,6 @@ class S4D(DiagonalSSMLayer):
     per_token = x.shape + (self.state_size,)
     y = self.ssm(x, jnp.exp(log_dt), jnp.broadcast_to(b, per_token), jnp.broadcast_to(c, per_token))
     y = jax.nn.gelu(y, approximate=False).astype(compute_dtype(self.cfg))
-    return nn.glu(nn.Dense(2 * channels, dtype=compute_dtype(self.cfg), kernel_init=dense_init("mlp", "embed"),
-                           bias_init=zeros_init("embed"), name="out_proj")(y))
+    out = nn.Dense(2 * channels, dtype=compute_dtype(self.cfg), kernel_init=dense_init("mlp", "embed"),
+                   bias_init=zeros_init("embed"), name="out_proj")
+    return nn.glu(out(y))

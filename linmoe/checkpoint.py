@@ -6,7 +6,6 @@ position, a JSON dict; see linmoe/data/stream.py), so a resumed run reads on fro
 import json
 import os
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -29,7 +28,8 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | No
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
   """Restores `step` (default: the latest) into the structure, dtypes and shardings of
-  `abstract_state`; returns None when the workdir has no checkpoint."""
+  `abstract_state` (ShapeDtypeStructs with shardings: each process reads only its shards); returns
+  None when the workdir has no checkpoint."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
@@ -52,10 +52,6 @@ def restore_data_state(manager: ocp.CheckpointManager, step: int) -> dict | None
   if not os.path.isdir(os.path.join(manager.directory, str(step), "data")):
     return None
   return manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
-
-
-def abstract(state):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

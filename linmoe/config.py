@@ -16,6 +16,9 @@ ROUTERS = ("softmax", "sigmoid")
 DISPATCH_MODES = ("dropless", "capacity")
 GMM_IMPLS = ("auto", "ragged_dot", "pallas", "reference")
 MOM_INNER = ("gla", "deltanet", "gated_deltanet")
+# none: keep every activation; block: recompute each block in the backward pass from its input;
+# save_matmuls: recompute, but keep the outputs of matmuls without batch dimensions.
+REMAT_MODES = ("none", "block", "save_matmuls")
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.compute_dtype = "float32"  # activations and matmuls; parameters and recurrent state stay float32
   m.rope_theta = 10000.0  # rotary base of attention blocks
   m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.remat = "none"  # activation checkpointing per block, one of REMAT_MODES
+  m.scan_layers = False  # run the repeats of `pattern` as one nn.scan (compile time independent of depth)
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 4  # 0 or 1: a dense SwiGLU MLP instead of MoE
   e.top_k = 2  # experts per token
@@ -139,6 +144,8 @@ class ModelConfig:
   compute_dtype: str
   rope_theta: float
   norm_eps: float
+  remat: str
+  scan_layers: bool
   moe: MoEConfig
   mom: MoMConfig
 
@@ -200,11 +207,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
       "train.eval_batches", "train.ckpt_every", "train.keep_checkpoints", "model.mom.num_memories",
       *(f"mesh.{axis}" for axis in MESH_AXES)))
   m, t = config.model, config.train
-  from linmoe.layers import LSM_LAYERS  # here, not at the top: the layers import this module
+  from linmoe.layers import DEPTH_DEPENDENT_LSMS, LSM_LAYERS  # here: the layers import this module
   _check_choice(config, "model.lsm", tuple(LSM_LAYERS))
   _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
   _check_choice(config, "model.kernel_impl", KERNEL_IMPLS)
   _check_choice(config, "model.mom.inner", MOM_INNER)
+  _check_choice(config, "model.remat", REMAT_MODES)
   if not 1 <= m.mom.top_k <= m.mom.num_memories:
     _fail("model.mom.top_k", m.mom.top_k, f"must be in [1, model.mom.num_memories = {m.mom.num_memories}]")
   _check_choice(config, "model.moe.router", ROUTERS)
@@ -212,6 +220,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _check_choice(config, "model.moe.gmm_impl", GMM_IMPLS)
   if not m.pattern or set(m.pattern) - {"L", "N"}:
     _fail("model.pattern", m.pattern, "must be a non-empty string of L (LSM block) and N (attention block)")
+  if m.scan_layers and m.lsm in DEPTH_DEPENDENT_LSMS:
+    _fail("model.scan_layers", m.scan_layers, f"must be False for model.lsm = {m.lsm!r}, whose layers "
+          "depend on their depth (" + ", ".join(DEPTH_DEPENDENT_LSMS) + ")")
   if m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model, f"must be divisible by model.n_heads = {m.n_heads}")
   if m.vocab_size < 0:
@@ -243,9 +254,26 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     product *= size
   if product != device_count:
     _fail("mesh", sizes, f"sizes must multiply to the device count {device_count} (they give {product})")
-  for axis in ("expert", "tensor", "sequence"):
-    if sizes[axis] != 1:
-      _fail(f"mesh.{axis}", sizes[axis], "must be 1: only data and fsdp (as data parallel) are implemented")
+  _check_mesh_divides(config, sizes)
   batch_shards = sizes["data"] * sizes["fsdp"]
   if t.batch_size % batch_shards:
     _fail("train.batch_size", t.batch_size, f"must be divisible by mesh.data * mesh.fsdp = {batch_shards}")
+
+
+
+def _check_mesh_divides(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+  """Each parallel axis must split what it shards into equal parts."""
+  m = config.model
+  tensor, expert, sequence = sizes["tensor"], sizes["expert"], sizes["sequence"]
+  if m.n_heads % tensor:
+    _fail("mesh.tensor", tensor, f"must divide model.n_heads = {m.n_heads}")
+  if m.moe.d_ff % tensor:
+    _fail("mesh.tensor", tensor, f"must divide model.moe.d_ff = {m.moe.d_ff}")
+  if m.moe.num_shared_experts and (m.moe.shared_d_ff or m.moe.d_ff) % tensor:
+    _fail("mesh.tensor", tensor, f"must divide model.moe.shared_d_ff = {m.moe.shared_d_ff}")
+  if expert > 1 and m.moe.num_experts <= 1:
+    _fail("mesh.expert", expert, "must be 1 for a dense model (model.moe.num_experts <= 1)")
+  if m.moe.num_experts > 1 and m.moe.num_experts % expert:
+    _fail("mesh.expert", expert, f"must divide model.moe.num_experts = {m.moe.num_experts}")
+  if config.train.seq_len % sequence:
+    _fail("mesh.sequence", sequence, f"must divide train.seq_len = {config.train.seq_len}")

@@ -9,6 +9,7 @@ from linmoe.layers.attention import CausalAttention
 from linmoe.layers.common import EMBED_INIT_STD, compute_dtype, rms_norm
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.moe import MoE
+from linmoe.parallel.rules import constrain, dense_init, logical
 
 def uses_moe(cfg: ModelConfig) -> bool:
   return cfg.moe.num_experts > 1
@@ -35,10 +36,51 @@ class Block(nn.Module):
     return x + y, aux
 
 
+REMAT_POLICIES = {  # model.remat -> what a rematerialized block keeps from its forward pass
+    "block": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # and its matmul outputs
+}
+
+
+def block_class(cfg: ModelConfig) -> type[Block]:
+  """Block, or Block under `nn.remat` with the policy of `model.remat`."""
+  if cfg.remat == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+def stack_aux(auxes: list[dict]) -> dict:
+  """Per-block aux dicts -> one dict of arrays with a leading [blocks] axis."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+class Unit(nn.Module):
+  """One repeat of `model.pattern` (e.g. LLLN), the body of the scanned layer stack:
+  [batch, seq, d_model] -> (same, aux stacked over the unit's blocks).
+
+  The scanned blocks get `layer_idx` = their position in the unit; `validate` refuses `scan_layers`
+  for the LSMs whose layers depend on their depth (linmoe.layers.DEPTH_DEPENDENT_LSMS)."""
+  cfg: ModelConfig
+  mode: str = "train"
+  cache_len: int = 0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, _=None) -> tuple[jnp.ndarray, dict]:
+    auxes = []
+    for j, kind in enumerate(self.cfg.pattern):
+      x, aux = block_class(self.cfg)(self.cfg, kind, j, self.mode, self.cache_len, name=f"block_{j}")(x)
+      x = constrain(x)
+      auxes.append(aux)
+    return x, stack_aux(auxes)
+
+
 class LinearMoELM(nn.Module):
   """tokens [batch, seq] int32 -> (logits [batch, seq, vocab] float32, aux losses averaged over layers).
 
-  `mode` and `cache_len` select training, prefill or one-token decoding (linmoe/decode.py).
+  `mode` and `cache_len` select training, prefill or one-token decoding (linmoe/decode.py). With
+  `model.scan_layers` the whole repeats of the pattern run as one `nn.scan` over a `Unit` (parameters
+  and caches under "layers" with a leading [repeats] axis, logical name "layers"), so compile time does
+  not grow with depth; the blocks past the last whole repeat follow unrolled as block_{i}.
   """
   cfg: ModelConfig
 
@@ -47,14 +89,24 @@ class LinearMoELM(nn.Module):
                cache_len: int = 0) -> tuple[jnp.ndarray, dict]:
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model,
-                     embedding_init=nn.initializers.normal(EMBED_INIT_STD), name="embed")
-    x = embed(tokens).astype(compute_dtype(cfg))
-    aux_per_layer = []
-    for i, kind in enumerate(cfg.layer_kinds):
-      x, aux = Block(cfg, kind, i, mode, cache_len, name=f"block_{i}")(x)
-      aux_per_layer.append(aux)
+                     embedding_init=logical(nn.initializers.normal(EMBED_INIT_STD), "vocab", "embed"),
+                     name="embed")
+    x = constrain(embed(tokens).astype(compute_dtype(cfg)))
+    aux_stacks, first_unrolled = [], 0
+    if cfg.scan_layers:
+      repeats = cfg.n_layers // len(cfg.pattern)
+      scanned = nn.scan(Unit, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                        length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, aux = scanned(cfg, mode, cache_len, name="layers")(x, None)
+      aux_stacks.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux))  # [repeats * unit]
+      first_unrolled = repeats * len(cfg.pattern)
+    for i in range(first_unrolled, cfg.n_layers):
+      x, aux = block_class(cfg)(cfg, cfg.layer_kinds[i], i, mode, cache_len, name=f"block_{i}")(x)
+      x = constrain(x)
+      aux_stacks.append(stack_aux([aux]))
     x = rms_norm(cfg, "final_norm")(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg), name="lm_head")(x)
-    aux = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), axis=0), *aux_per_layer) if uses_moe(
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
+                      kernel_init=dense_init("embed", "vocab"), name="lm_head")(x)
+    aux = jax.tree.map(lambda *a: jnp.mean(jnp.concatenate(a), axis=0), *aux_stacks) if uses_moe(
         cfg) else {}
     return logits.astype(jnp.float32), aux

@@ -1,4 +1,6 @@
 """Bad configs stop before any compile with one line naming the key, the value and what is allowed."""
+import math
+
 import pytest
 
 from linmoe.config import ConfigError, ModelConfig, default_config, padded_vocab_size, validate
@@ -20,7 +22,7 @@ from linmoe.config import ConfigError, ModelConfig, default_config, padded_vocab
     ("train.lr", 0.0, "train.lr = 0.0"),
     ("train.warmup_steps", -5, "train.warmup_steps = -5"),
     ("data.eval_fraction", 1.5, "data.eval_fraction = 1.5"),
-    ("mesh.tensor", 2, "mesh"),
+    ("mesh.tensor", 2, "device count 1"),
     ("mesh.data", 0, "mesh.data = 0"),
 ])
 def test_bad_value_names_key_value_and_allowed(key, value, expect):
@@ -49,6 +51,31 @@ def test_batch_must_split_over_data_axes():
   config.mesh.data, config.train.batch_size = 4, 6
   with pytest.raises(ConfigError, match="train.batch_size = 6"):
     validate(config, device_count=4)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({"mesh.tensor": 8}, "mesh.tensor = 8: must divide model.n_heads = 4"),
+    ({"mesh.tensor": 4, "model.moe.d_ff": 250}, "mesh.tensor = 4: must divide model.moe.d_ff = 250"),
+    ({"mesh.tensor": 2, "model.moe.num_shared_experts": 1, "model.moe.shared_d_ff": 3},
+     "mesh.tensor = 2: must divide model.moe.shared_d_ff = 3"),
+    ({"mesh.expert": 8}, "mesh.expert = 8: must divide model.moe.num_experts = 4"),
+    ({"mesh.expert": 2, "model.moe.num_experts": 1}, "mesh.expert = 2: must be 1 for a dense model"),
+    ({"mesh.sequence": 8, "train.seq_len": 100}, "mesh.sequence = 8: must divide train.seq_len = 100"),
+])
+def test_mesh_axis_must_divide_what_it_shards(overrides, expect):
+  config = default_config()
+  config.update_from_flattened_dict(overrides)
+  devices = math.prod(config.mesh.values())
+  with pytest.raises(ConfigError) as info:
+    validate(config, device_count=devices)
+  assert expect in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_parallel_axis_is_accepted_when_it_divides():
+  config = default_config()
+  config.mesh.update(data=2, fsdp=1, expert=2, tensor=2, sequence=2)
+  config.train.batch_size = 2
+  validate(config, device_count=16)
 
 
 def test_vocab_follows_tokenizer_padded_to_128_unless_set():

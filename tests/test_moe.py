@@ -1,4 +1,5 @@
 """The MoE layer against a loop-over-tokens-and-experts reference, for every router and dispatch mode."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def reference(params, x, cfg: ModelConfig, cap: int | None = None):
 def run(cfg, seed=0, training=True):
   x = jax.random.normal(jax.random.key(seed), (2, TOKENS // 2, D_MODEL))
   layer = MoE(cfg, training=training)
-  params = layer.init(jax.random.key(seed + 10), x)["params"]
+  params = nn.meta.unbox(layer.init(jax.random.key(seed + 10), x)["params"])
   y, aux = layer.apply({"params": params}, x)
   return x, params, y, aux
 

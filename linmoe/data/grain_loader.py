@@ -23,6 +23,8 @@ from linmoe.data.tokenizers import Tokenizer
 class GrainStream:
   """A Grain iterator of training batches (see BatchStream)."""
 
+  process_local = True  # each process reads its own shard of the documents
+
   def __init__(self, dataset: grain.IterDataset, eod_id: int):
     self._iterator = iter(dataset)
     self._eod_id = eod_id

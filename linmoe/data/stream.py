@@ -13,7 +13,10 @@ Batch = dict[str, np.ndarray]
 
 
 class BatchStream(Protocol):
-  """An endless iterator of training batches with a checkpointable position."""
+  """An endless iterator of training batches with a checkpointable position. `process_local`: the
+  batches hold only this process's rows (else the global batch, of which each process places its own)."""
+
+  process_local: bool
 
   def __next__(self) -> Batch:
     """Returns the next batch, {"inputs", "targets", "segment_ids"}: int32[B, T] each."""
@@ -27,6 +30,8 @@ class BatchStream(Protocol):
 
 class IndexStream:
   """Batch `step`, `step + 1`, ... of a dataset whose batches are a pure function of the step."""
+
+  process_local = False  # global batches
 
   def __init__(self, batch_fn: Callable[[int, int], Batch], batch_size: int, step: int):
     """`batch_fn(step, batch_size)` returns the batch of a step; `step` is the first one served."""

@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from linmoe.config import ModelConfig
+from linmoe.parallel.rules import dense_init, ones_init, zeros_init
 
 EMBED_INIT_STD = 0.02
 
@@ -15,18 +16,20 @@ def head_projection(cfg: ModelConfig, name: str, head_dim: int | None = None,
                     use_bias: bool = False) -> nn.DenseGeneral:
   """[batch, seq, d_model] -> [batch, seq, heads, head_dim]."""
   return nn.DenseGeneral((cfg.n_heads, head_dim or cfg.head_dim), use_bias=use_bias,
-                         dtype=compute_dtype(cfg), name=name)
+                         kernel_init=dense_init("embed", "heads", "head_dim"),
+                         bias_init=zeros_init("heads", "head_dim"), dtype=compute_dtype(cfg), name=name)
 
 
 def output_projection(cfg: ModelConfig, name: str = "o_proj") -> nn.DenseGeneral:
   """[batch, seq, heads, head_dim] -> [batch, seq, d_model]."""
-  return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=compute_dtype(cfg),
+  return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False,
+                         kernel_init=dense_init("heads", "head_dim", "embed"), dtype=compute_dtype(cfg),
                          name=name)
 
 
 def rms_norm(cfg: ModelConfig, name: str) -> nn.RMSNorm:
   """RMSNorm over the last axis; on [batch, seq, heads, dim] it normalizes each head alone."""
-  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), name=name)
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), scale_init=ones_init("norm"), name=name)
 
 
 def rotary(x: jnp.ndarray, theta: float, offset: jnp.ndarray | int = 0) -> jnp.ndarray:

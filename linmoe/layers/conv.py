@@ -4,6 +4,7 @@ import jax.numpy as jnp
 
 from linmoe.layers.mixer import cache_variable
 from linmoe.parallel import sequence
+from linmoe.parallel.rules import logical, zeros_init
 
 
 class ShortConv(nn.Module):
@@ -20,9 +21,9 @@ class ShortConv(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     batch, seq, channels = x.shape
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=1),
-                        (self.width, channels)).astype(x.dtype)
-    bias = self.param("bias", nn.initializers.zeros, (channels,)).astype(x.dtype)
+    kernel_init = logical(nn.initializers.lecun_normal(in_axis=0, out_axis=1), "conv", "channels")
+    kernel = self.param("kernel", kernel_init, (self.width, channels)).astype(x.dtype)
+    bias = self.param("bias", zeros_init("channels"), (channels,)).astype(x.dtype)
     if sequence.is_split(self.mode):
       # The first shard's context is zeros, as unsplit: no need to know where the tokens start.
       convolve = lambda full, start, kernel, bias: self.convolve(full, kernel, bias)

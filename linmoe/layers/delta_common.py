@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from linmoe.config import ModelConfig
 from linmoe.layers.common import compute_dtype
 from linmoe.layers.lsm import LSMLayer
+from linmoe.parallel.rules import dense_init, logical
 
 L2_NORM_EPS = 1e-6
 
@@ -24,7 +25,8 @@ def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
 def head_scalars(cfg: ModelConfig, name: str, use_bias: bool = False,
                  bias_init=nn.initializers.zeros) -> nn.DenseGeneral:
   """One value per head and token: [batch, seq, d_model] -> [batch, seq, heads]."""
-  return nn.DenseGeneral(cfg.n_heads, use_bias=use_bias, bias_init=bias_init, dtype=compute_dtype(cfg),
+  return nn.DenseGeneral(cfg.n_heads, use_bias=use_bias, kernel_init=dense_init("embed", "heads"),
+                         bias_init=logical(bias_init, "heads"), dtype=compute_dtype(cfg),
                          name=name)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from linmoe.layers.delta_common import conv_qkv, head_scalars, sigmoid_gate
 from linmoe.layers.lsm import LSMLayer
 from linmoe.layers.mamba2 import a_log_init, dt_bias_init
+from linmoe.parallel.rules import logical
 
 
 class GatedDeltaNet(LSMLayer):
@@ -22,6 +23,6 @@ class GatedDeltaNet(LSMLayer):
     q, k, v = conv_qkv(self, x)
     heads = self.cfg.n_heads
     dt = jax.nn.softplus(head_scalars(self.cfg, "a_proj")(x).astype(jnp.float32)
-                         + self.param("dt_bias", dt_bias_init, (heads,)))
-    log_decay = -jnp.exp(self.param("A_log", a_log_init, (heads,))) * dt
+                         + self.param("dt_bias", logical(dt_bias_init, "heads"), (heads,)))
+    log_decay = -jnp.exp(self.param("A_log", logical(a_log_init, "heads"), (heads,))) * dt
     return q, k, v, sigmoid_gate(self, x), log_decay

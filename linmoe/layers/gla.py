@@ -8,6 +8,7 @@ import jax
 
 from linmoe.layers.common import compute_dtype, head_projection
 from linmoe.layers.lsm import LSMLayer
+from linmoe.parallel.rules import dense_init
 
 GATE_RANK = 16
 GATE_LOGIT_NORMALIZER = 16.0
@@ -19,7 +20,8 @@ class GatedLinearAttention(LSMLayer):
 
   def features(self, x):
     q, k, v = self.qkv(x)
-    low_rank = nn.Dense(GATE_RANK, use_bias=False, dtype=compute_dtype(self.cfg), name="gk_down")(x)
+    low_rank = nn.Dense(GATE_RANK, use_bias=False, dtype=compute_dtype(self.cfg),
+                        kernel_init=dense_init("embed", "lora"), name="gk_down")(x)
     gate_logits = head_projection(self.cfg, "gk_up", use_bias=True)(low_rank)
     g = jax.nn.log_sigmoid(gate_logits.astype("float32")) / GATE_LOGIT_NORMALIZER
     return q, k, v, g

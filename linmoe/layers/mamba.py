@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from linmoe.layers.common import compute_dtype
 from linmoe.layers.ssm import DiagonalSSMLayer, dt_bias_init
+from linmoe.parallel.rules import dense_init, logical
 
 STATE_SIZE = 16
 EXPAND = 2
@@ -36,14 +37,18 @@ class Mamba(DiagonalSSMLayer):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     d_inner, dtype = EXPAND * self.cfg.d_model, compute_dtype(self.cfg)
     dt_rank = math.ceil(self.cfg.d_model / 16)
-    x, z = jnp.split(nn.Dense(2 * d_inner, use_bias=False, dtype=dtype, name="in_proj")(x), 2, axis=-1)
+    x, z = jnp.split(nn.Dense(2 * d_inner, use_bias=False, dtype=dtype,
+                                     kernel_init=dense_init("embed", "mlp"), name="in_proj")(x), 2, axis=-1)
     x = self.short_conv(x, "conv", width=CONV_WIDTH)
     dt, b, c = jnp.split(nn.Dense(dt_rank + 2 * self.state_size, use_bias=False, dtype=dtype,
-                                  name="x_proj")(x), [dt_rank, dt_rank + self.state_size], axis=-1)
+                                  kernel_init=dense_init("mlp", "lora"), name="x_proj")(x),
+                         [dt_rank, dt_rank + self.state_size], axis=-1)
     dt = nn.Dense(d_inner, dtype=dtype, name="dt_proj",
                   # U[+-rank^-1/2]
-                  kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                  bias_init=dt_bias_init)(dt)
+                  kernel_init=logical(nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                                      "lora", "mlp"),
+                  bias_init=logical(dt_bias_init, "mlp"))(dt)
     dt = jax.nn.softplus(dt.astype(jnp.float32))
     y = self.ssm(x, dt, b, c) * jax.nn.silu(z.astype(jnp.float32))
-    return nn.Dense(self.cfg.d_model, use_bias=False, dtype=dtype, name="out_proj")(y.astype(dtype))
+    return nn.Dense(self.cfg.d_model, use_bias=False, dtype=dtype, kernel_init=dense_init("mlp", "embed"),
+                    name="out_proj")(y.astype(dtype))

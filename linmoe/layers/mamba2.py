@@ -17,6 +17,7 @@ from linmoe.layers.common import compute_dtype, head_projection, output_projecti
 from linmoe.layers.feature_maps import unit_scale
 from linmoe.layers.lsm import LSMLayer
 from linmoe.layers.ssm import dt_bias_init
+from linmoe.parallel.rules import dense_init, logical, ones_init
 
 EXPAND = 2
 STATE_DIM = 128
@@ -37,17 +38,18 @@ class Mamba2(LSMLayer):
     cfg = self.cfg
     heads, head_dim = cfg.n_heads, EXPAND * cfg.head_dim
     xbc = nn.Dense(heads * head_dim + 2 * STATE_DIM, use_bias=False, dtype=compute_dtype(cfg),
-                   name="xbc_proj")(x)
+                   kernel_init=dense_init("embed", "mlp"), name="xbc_proj")(x)
     xbc = self.short_conv(xbc, "conv", width=CONV_WIDTH)
     xs, b, c = jnp.split(xbc, [heads * head_dim, heads * head_dim + STATE_DIM], axis=-1)
     xs = xs.reshape(*xs.shape[:2], heads, head_dim)  # [B, T, H, P]
     b, c = (jnp.broadcast_to(t[:, :, None], (*t.shape[:2], heads, STATE_DIM)) for t in (b, c))
-    dt_bias = self.param("dt_bias", dt_bias_init, (heads,))
-    dt = jax.nn.softplus(nn.Dense(heads, use_bias=False, dtype=compute_dtype(cfg), name="dt_proj")(x)
+    dt_bias = self.param("dt_bias", logical(dt_bias_init, "heads"), (heads,))
+    dt = jax.nn.softplus(nn.Dense(heads, use_bias=False, dtype=compute_dtype(cfg),
+                                  kernel_init=dense_init("embed", "heads"), name="dt_proj")(x)
                          .astype(jnp.float32) + dt_bias)  # [B, T, H]
-    log_decay = -jnp.exp(self.param("A_log", a_log_init, (heads,))) * dt
+    log_decay = -jnp.exp(self.param("A_log", logical(a_log_init, "heads"), (heads,))) * dt
     y = self.recurrence((unit_scale(c), b, (xs * dt[..., None]).astype(xs.dtype), log_decay))
-    skip = self.param("D", nn.initializers.ones, (heads,))
+    skip = self.param("D", ones_init("heads"), (heads,))
     return self.output(y + (skip[:, None] * xs).astype(y.dtype), x)
 
   def output(self, o, x):
@@ -55,5 +57,5 @@ class Mamba2(LSMLayer):
     cfg = self.cfg
     z = head_projection(cfg, "z_proj", o.shape[-1])(x)
     norm = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), reduction_axes=(-2, -1),
-                      feature_axes=(-2, -1), name="o_norm")
+                      feature_axes=(-2, -1), scale_init=ones_init("heads", "head_dim"), name="o_norm")
     return output_projection(cfg)(norm(o * jax.nn.silu(z)))

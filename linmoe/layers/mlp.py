@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from linmoe.config import ModelConfig
 from linmoe.layers.common import compute_dtype
+from linmoe.parallel.rules import dense_init
 
 
 class SwiGLU(nn.Module):
@@ -14,7 +15,9 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=compute_dtype(self.cfg), name=name)
+    dense = lambda n, names, name: nn.Dense(n, use_bias=False, dtype=compute_dtype(self.cfg),
+                                            kernel_init=dense_init(*names), name=name)
     d_ff = self.d_ff or self.cfg.moe.d_ff
-    h = jax.nn.silu(dense(d_ff, "gate")(x)) * dense(d_ff, "up")(x)
-    return dense(self.cfg.d_model, "down")(h)
+    column, row = ("embed", "mlp"), ("mlp", "embed")  # column- then row-parallel over tensor
+    h = jax.nn.silu(dense(d_ff, column, "gate")(x)) * dense(d_ff, column, "up")(x)
+    return dense(self.cfg.d_model, row, "down")(h)

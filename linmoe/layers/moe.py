@@ -23,6 +23,7 @@ from linmoe.layers.common import compute_dtype
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.router import capacity, combine, move_rows, route, router_losses, sort_slots
 from linmoe.parallel import expert
+from linmoe.parallel.rules import dense_init, logical
 
 
 def grouped_swiglu(xs: jnp.ndarray, weights: tuple, group_sizes: jnp.ndarray, impl: str) -> jnp.ndarray:
@@ -45,17 +46,19 @@ class MoE(nn.Module):
     cfg, moe = self.cfg, self.cfg.moe
     dtype = compute_dtype(cfg)
     tokens = x.reshape(-1, cfg.d_model)  # [N, D]
-    logits = nn.Dense(moe.num_experts, use_bias=False, dtype=jnp.float32, name="router")(
+    logits = nn.Dense(moe.num_experts, use_bias=False, dtype=jnp.float32,
+                      kernel_init=dense_init("embed", "router"), name="router")(
         tokens.astype(jnp.float32))  # [N, E]
     routing = route(logits, moe.router, moe.top_k, moe.renormalize)
     aux = router_losses(logits, routing)
 
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1,
                                             out_axis=2, batch_axis=(0,))
+    column, row = logical(init, "experts", "embed", "mlp"), logical(init, "experts", "mlp", "embed")
     shape_in, shape_out = (moe.num_experts, cfg.d_model, moe.d_ff), (moe.num_experts, moe.d_ff,
                                                                      cfg.d_model)
-    weights = tuple(self.param(n, init, s).astype(dtype) for n, s in (
-        ("w_gate", shape_in), ("w_up", shape_in), ("w_down", shape_out)))
+    weights = tuple(self.param(n, i, s).astype(dtype) for n, i, s in (
+        ("w_gate", column, shape_in), ("w_up", column, shape_in), ("w_down", row, shape_out)))
 
     tokens = tokens.astype(dtype)
     factor = moe.capacity_factor_train if self.training else moe.capacity_factor_eval
@@ -105,6 +108,7 @@ class MoE(nn.Module):
     moe = self.cfg.moe
     y = SwiGLU(self.cfg, d_ff=moe.num_shared_experts * moe.shared_d_ff, name="shared")(tokens)
     if moe.shared_expert_gate:
-      gate = nn.Dense(1, use_bias=False, dtype=tokens.dtype, name="shared_gate")(tokens)
+      gate = nn.Dense(1, use_bias=False, dtype=tokens.dtype, kernel_init=dense_init("embed", None),
+                      name="shared_gate")(tokens)
       y = y * jax.nn.sigmoid(gate)
     return y

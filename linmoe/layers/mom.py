@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.layers.mixer import Mixer
+from linmoe.parallel.rules import dense_init
 
 
 class MixtureOfMemories(Mixer):
@@ -24,7 +25,8 @@ class MixtureOfMemories(Mixer):
     from linmoe.layers import LSM_LAYERS  # the registry imports this module
     mom = self.cfg.mom
     inner = LSM_LAYERS[mom.inner]
-    logits = nn.Dense(mom.num_memories, use_bias=False, dtype=jnp.float32, name="router")(
+    logits = nn.Dense(mom.num_memories, use_bias=False, dtype=jnp.float32,
+                      kernel_init=dense_init("embed", "memories"), name="router")(
         x.astype(jnp.float32))  # [B, T, M]
     weights, chosen = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), mom.top_k)  # [B, T, k]
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)

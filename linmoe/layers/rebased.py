@@ -11,6 +11,7 @@ import flax.linen as nn
 
 from linmoe.layers.common import compute_dtype
 from linmoe.layers.feature_maps import FeatureMapAttention, symmetric_square
+from linmoe.parallel.rules import ones_init, zeros_init
 
 FEATURE_NORM_EPS = 1e-5
 
@@ -19,5 +20,6 @@ class Rebased(FeatureMapAttention):
   eps = 1e-5
 
   def feature_maps(self, q, k):
-    norm = nn.LayerNorm(epsilon=FEATURE_NORM_EPS, dtype=compute_dtype(self.cfg), name="feature_norm")
+    norm = nn.LayerNorm(epsilon=FEATURE_NORM_EPS, dtype=compute_dtype(self.cfg), scale_init=ones_init("norm"),
+                        bias_init=zeros_init("norm"), name="feature_norm")
     return symmetric_square(norm(q)), symmetric_square(norm(k))

@@ -23,6 +23,7 @@ from linmoe.layers.common import compute_dtype, head_projection, output_projecti
 from linmoe.layers.feature_maps import unit_scale
 from linmoe.layers.lsm import LSMLayer
 from linmoe.layers.mixer import cache_variable
+from linmoe.parallel.rules import logical, ones_init, zeros_init
 
 MIX_RANK, DECAY_RANK = 32, 64
 GROUP_NORM_EPS = 64e-5  # 1e-5 * head_size_divisor^2 in the paper's code
@@ -76,20 +77,24 @@ class RWKV6(LSMLayer):
     """The five data-dependent interpolations x^c of x [batch, seq, d_model] with the previous token."""
     d_model = x.shape[-1]
     dx = token_shift(self, x) - x
-    mu_x = self.param("mu_x", self.mix_init(1.0, 0.0), (d_model,))
-    mu = jnp.stack([self.param(f"mu_{c}", self.mix_init(*p), (d_model,)) for c, p in MIX_INITS.items()])
-    w1 = self.param("mix_w1", nn.initializers.zeros, (d_model, len(MIX_INITS), MIX_RANK))
-    w2 = self.param("mix_w2", uniform_init(0.01), (len(MIX_INITS), MIX_RANK, d_model))
+    mu_x = self.param("mu_x", logical(self.mix_init(1.0, 0.0), "embed"), (d_model,))
+    mu = jnp.stack([self.param(f"mu_{c}", logical(self.mix_init(*p), "embed"), (d_model,))
+                    for c, p in MIX_INITS.items()])
+    w1 = self.param("mix_w1", zeros_init("embed", "mix", "lora"), (d_model, len(MIX_INITS), MIX_RANK))
+    w2 = self.param("mix_w2", logical(uniform_init(0.01), "mix", "lora", "embed"),
+                    (len(MIX_INITS), MIX_RANK, d_model))
     mixes = jnp.einsum("btcr,crd->btcd", jnp.tanh(jnp.einsum("btd,dcr->btcr", x + dx * mu_x, w1)), w2)
     return jnp.unstack(x[:, :, None] + dx[:, :, None] * (mu + mixes), axis=2)
 
   def log_decay(self, x_w: jnp.ndarray) -> jnp.ndarray:
     """-exp(d_t) [batch, seq, heads, head_dim] fp32, from the LoRA on x^w [batch, seq, d_model]."""
     speed = self.channel_init(lambda n, pos, depth: -6.0 + 5.0 * pos ** (0.7 + 1.3 * depth))
-    low_rank = nn.Dense(DECAY_RANK, use_bias=False, kernel_init=nn.initializers.zeros,
+    low_rank = nn.Dense(DECAY_RANK, use_bias=False, kernel_init=zeros_init("embed", "lora"),
                         dtype=compute_dtype(self.cfg), name="decay_down")(x_w)
-    d = nn.DenseGeneral((self.cfg.n_heads, self.cfg.head_dim), kernel_init=uniform_init(0.01),
-                        bias_init=speed, dtype=compute_dtype(self.cfg), name="decay_up")(jnp.tanh(low_rank))
+    d = nn.DenseGeneral((self.cfg.n_heads, self.cfg.head_dim),
+                        kernel_init=logical(uniform_init(0.01), "lora", "heads", "head_dim"),
+                        bias_init=logical(speed, "heads", "head_dim"), dtype=compute_dtype(self.cfg),
+                        name="decay_up")(jnp.tanh(low_rank))
     return -jnp.exp(d.astype(jnp.float32))
 
   @nn.compact
@@ -97,9 +102,10 @@ class RWKV6(LSMLayer):
     x_w, x_k, x_v, x_r, x_g = self.ddlerp(x)
     r, k, v, gate = (head_projection(self.cfg, f"{c}_proj")(x_c)
                      for c, x_c in (("r", x_r), ("k", x_k), ("v", x_v), ("g", x_g)))
-    bonus = self.param("bonus", self.channel_init(
-        lambda n, pos, depth: depth * (1.0 - pos) + ((n + 1) % 3 - 1) * 0.1), r.shape[2:])
+    bonus_init = self.channel_init(lambda n, pos, depth: depth * (1.0 - pos) + ((n + 1) % 3 - 1) * 0.1)
+    bonus = self.param("bonus", logical(bonus_init, "heads", "head_dim"), r.shape[2:])
     o = self.recurrence((unit_scale(r), k, v, self.log_decay(x_w), jnp.broadcast_to(bonus, r.shape)))
     o = nn.LayerNorm(epsilon=GROUP_NORM_EPS, reduction_axes=-1, feature_axes=(-2, -1),
+                     scale_init=ones_init("heads", "head_dim"), bias_init=zeros_init("heads", "head_dim"),
                      dtype=compute_dtype(self.cfg), name="g_norm")(o)  # GroupNorm, one group per head
     return output_projection(self.cfg)(o * jax.nn.silu(gate))

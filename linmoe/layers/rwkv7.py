@@ -26,6 +26,7 @@ from linmoe.layers.common import compute_dtype, head_projection, output_projecti
 from linmoe.layers.delta_common import l2_normalize
 from linmoe.layers.feature_maps import unit_scale
 from linmoe.layers.rwkv6 import GROUP_NORM_EPS, RWKV6, token_shift
+from linmoe.parallel.rules import logical, zeros_init
 
 # Token-shift mix powers p: mu_c = 1 - (i / d_model)^(p * (1 - layer / n_layers)).
 MIX_POWERS = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
@@ -51,10 +52,13 @@ class RWKV7(RWKV6):
            bias_init: Callable | None) -> jnp.ndarray:
     """up(activation(down(x))) per head and key channel: [batch, seq, d_model] -> [batch, seq, heads, dim]."""
     cfg, dtype = self.cfg, compute_dtype(self.cfg)
-    h = nn.Dense(rank, use_bias=False, kernel_init=nn.initializers.zeros, dtype=dtype, name=f"{name}_down")(x)
+    h = nn.Dense(rank, use_bias=False, kernel_init=zeros_init("embed", "lora"), dtype=dtype,
+                 name=f"{name}_down")(x)
     h = h if activation is None else activation(h)
-    up = nn.Dense(cfg.d_model, use_bias=bias_init is not None, bias_init=bias_init or nn.initializers.zeros,
-                  kernel_init=nn.initializers.orthogonal(LORA_UP_SCALE), dtype=dtype, name=f"{name}_up")(h)
+    up = nn.Dense(cfg.d_model, use_bias=bias_init is not None,
+                  bias_init=logical(bias_init or nn.initializers.zeros, "channels"),
+                  kernel_init=logical(nn.initializers.orthogonal(LORA_UP_SCALE), "lora", "channels"),
+                  dtype=dtype, name=f"{name}_up")(h)
     return up.reshape(*x.shape[:2], cfg.n_heads, cfg.head_dim)
 
   @nn.compact
@@ -62,7 +66,8 @@ class RWKV7(RWKV6):
     cfg = self.cfg
     dx = token_shift(self, x) - x
     x_r, x_w, x_k, x_v, x_a, x_g = (
-        x + dx * self.param(f"mu_{c}", self.mix_init(p, 0.0), (cfg.d_model,)) for c, p in MIX_POWERS.items())
+        x + dx * self.param(f"mu_{c}", logical(self.mix_init(p, 0.0), "embed"), (cfg.d_model,))
+        for c, p in MIX_POWERS.items())
     r, k, v = (head_projection(cfg, f"{c}_proj")(x_c) for c, x_c in (("r", x_r), ("k", x_k), ("v", x_v)))
 
     def speed(n, pos, depth):  # the decay LoRA's bias
@@ -79,16 +84,17 @@ class RWKV7(RWKV6):
     g = self.lora(x_g, "g_lora", gate_rank, jax.nn.sigmoid, None)
 
     key_removal = self.channel_init(lambda n, pos, depth: 0.71 - 0.1 * self.zigzag_linear(n, pos)[1])
-    k_k = self.param("k_k", key_removal, k.shape[2:])
-    k_a = self.param("k_a", nn.initializers.constant(1.02), k.shape[2:])
-    r_k = self.param("r_k", nn.initializers.constant(-0.04), k.shape[2:])
+    k_k = self.param("k_k", logical(key_removal, "heads", "head_dim"), k.shape[2:])
+    k_a = self.param("k_a", logical(nn.initializers.constant(1.02), "heads", "head_dim"), k.shape[2:])
+    r_k = self.param("r_k", logical(nn.initializers.constant(-0.04), "heads", "head_dim"), k.shape[2:])
     kappa = l2_normalize(k * k_k)
     k = k * (1.0 + (a - 1.0) * k_a)
     o = self.recurrence((unit_scale(r), k, v, -kappa, kappa * a, log_w))
 
     norm_weight = ((self.layer_idx + 1) / cfg.n_layers) ** 0.7
     o = nn.LayerNorm(epsilon=GROUP_NORM_EPS, reduction_axes=-1, feature_axes=(-2, -1),
-                     scale_init=nn.initializers.constant(norm_weight), dtype=compute_dtype(cfg),
+                     scale_init=logical(nn.initializers.constant(norm_weight), "heads", "head_dim"),
+                     bias_init=zeros_init("heads", "head_dim"), dtype=compute_dtype(cfg),
                      name="g_norm")(o)  # GroupNorm, one group per head
     bonus = jnp.sum(r * k * r_k, axis=-1, keepdims=True) * v
     return output_projection(cfg)((o + bonus) * g)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from linmoe.layers.common import compute_dtype
 from linmoe.layers.ssm import DiagonalSSMLayer, log_dt_init
+from linmoe.parallel.rules import dense_init, logical, ones_init, zeros_init
 
 STATE_SIZE = 64
 
@@ -32,10 +33,12 @@ class S4D(DiagonalSSMLayer):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     channels = x.shape[-1]
     shape = (channels, self.state_size)
-    b = self.param("B", nn.initializers.ones, shape)
-    c = self.param("C", nn.initializers.normal(1.0), shape)
-    log_dt = self.param("log_dt", log_dt_init, (channels,))
+    b = self.param("B", ones_init("mlp", "state"), shape)
+    c = self.param("C", logical(nn.initializers.normal(1.0), "mlp", "state"), shape)
+    log_dt = self.param("log_dt", logical(log_dt_init, "mlp"), (channels,))
     per_token = x.shape + (self.state_size,)
     y = self.ssm(x, jnp.exp(log_dt), jnp.broadcast_to(b, per_token), jnp.broadcast_to(c, per_token))
     y = jax.nn.gelu(y, approximate=False).astype(compute_dtype(self.cfg))
-    return nn.glu(nn.Dense(2 * channels, dtype=compute_dtype(self.cfg), name="out_proj")(y))
+    out = nn.Dense(2 * channels, dtype=compute_dtype(self.cfg), kernel_init=dense_init("mlp", "embed"),
+                   bias_init=zeros_init("embed"), name="out_proj")
+    return nn.glu(out(y))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from linmoe.layers.feature_maps import unit_scale
 from linmoe.layers.lsm import LSMLayer
+from linmoe.parallel.rules import logical
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
@@ -56,7 +57,7 @@ class DiagonalSSMLayer(LSMLayer):
       y [batch, seq, channels] fp32.
     """
     channels = x.shape[-1]
-    a = -jnp.exp(self.param("A_log", s4d_real_log_a, (channels, self.state_size)))
+    a = -jnp.exp(self.param("A_log", logical(s4d_real_log_a, "mlp", "state"), (channels, self.state_size)))
     dt = jnp.broadcast_to(dt.astype(jnp.float32), x.shape)
     g = dt[..., None] * a  # [batch, seq, channels, state]
     v = dt * x
@@ -65,4 +66,4 @@ class DiagonalSSMLayer(LSMLayer):
     else:
       g = jnp.swapaxes(g, -1, -2)[:, :, None]  # [batch, seq, 1, state, channels]
       y = self.recurrence((unit_scale(c)[:, :, None], b[:, :, None], v[:, :, None], g))[:, :, 0]
-    return y + self.param("D", self.skip_init, (channels,)) * x
+    return y + self.param("D", logical(self.skip_init, "mlp"), (channels,)) * x

@@ -11,6 +11,7 @@ same size whatever the context. Out-of-memory cases are reported, not fatal.
       [--contexts 1024,131072] [--batches 1,16] [--steps 50] [--small]
 """
 import argparse
+import functools
 import importlib
 import json
 import statistics
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 from benchmarks.train_throughput import model_config
 from linmoe.decode import cache_bytes, decode_step, prefill
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 
 MODELS = ("gla", "gla@LLLN", "attention")
 CONTEXTS = (1024, 4096, 16384, 65536, 131072)
@@ -32,7 +33,7 @@ PROMPT = 16
 def measure(cfg, batch: int, context: int, steps: int) -> dict:
   model = LinearMoELM(cfg)
   prompt = jax.random.randint(jax.random.key(0), (batch, PROMPT), 0, cfg.vocab_size)
-  params = jax.jit(model.init)(jax.random.key(1), prompt[:1])["params"]
+  params = jax.jit(functools.partial(init_params, model))(jax.random.key(1), prompt[:1])
   _, cache = jax.jit(prefill, static_argnums=(0, 3))(model, params, prompt, context)
   step = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
   token = prompt[:, -1]

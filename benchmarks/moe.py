@@ -31,6 +31,7 @@ from linmoe.kernels import grouped_matmul_pallas as gmp
 from linmoe.layers import moe as moe_layer
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.moe import MoE
+from linmoe.model import init_params
 
 SKEW = 10  # The skewed layout gives one expert SKEW times its even share.
 # Tilings tried by --sweep (block_m, block_n, block_k, num_warps, num_stages): forward (and dx) kernel,
@@ -215,7 +216,7 @@ def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None) -> list[dict
   layers.append(("moe dropless, no experts", MoE(layer_config(shape, "dropless", "auto"))))
   rows = []
   for name, layer in layers:
-    params = layer.init(kp, x)["params"]
+    params = init_params(layer, kp, x)
     with contextlib.ExitStack() as stack:
       if name.endswith("no experts"):
         stack.enter_context(mock.patch.object(moe_layer, "grouped_swiglu", lambda xs, *_: xs))

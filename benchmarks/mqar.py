@@ -21,7 +21,7 @@ import optax
 
 from linmoe.config import ModelConfig, default_config
 from linmoe.decode import cache_bytes, prefill
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 from linmoe.steps import cross_entropy
 
 MODELS = ("bla", "retnet", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "mom", "mom-noshared",
@@ -74,7 +74,7 @@ def train_and_score(cfg: ModelConfig, seq: int, pairs: int, steps: int, batch: i
                     seed: int = 0) -> dict:
   model = LinearMoELM(cfg)
   rng = np.random.default_rng(seed)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))["params"]
+  params = init_params(model, jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.1))
   opt_state = tx.init(params)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks.flops import step_flops
 from linmoe.config import ModelConfig
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 from linmoe.optim import learning_rate_schedule, make_optimizer
 from linmoe.steps import TrainState, train_step
 
@@ -61,7 +61,8 @@ def measure(cfg: ModelConfig, train_config, batch: int, seq: int, steps: int,
   tx = make_optimizer(train_config)
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
   data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  params = jax.jit(model.init)(jax.random.key(1), data["inputs"][:1, :cfg.chunk_size])["params"]
+  params = jax.jit(functools.partial(init_params, model))(jax.random.key(1),
+                                                        data["inputs"][:1, :cfg.chunk_size])
   state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                      nonfinite_step=jnp.int32(-1))
   step = jax.jit(functools.partial(train_step, model=model, cfg=cfg, tx=tx,

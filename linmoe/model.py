@@ -110,3 +110,9 @@ class LinearMoELM(nn.Module):
     aux = jax.tree.map(lambda *a: jnp.mean(jnp.concatenate(a), axis=0), *aux_stacks) if uses_moe(
         cfg) else {}
     return logits.astype(jnp.float32), aux
+
+
+def init_params(module: nn.Module, rng: jax.Array, *inputs) -> dict:
+  """`module.init(rng, *inputs)["params"]` as plain arrays (the trainer keeps the logical-axis boxes to
+  derive shardings; everything else wants the arrays)."""
+  return nn.meta.unbox(module.init(rng, *inputs)["params"])

@@ -1,4 +1,6 @@
 """Generation: recurrent decoding equals repeated full forwards; sampling rules; the CLI's loading."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from linmoe import checkpoint, generate
 from linmoe.config import ModelConfig, default_config
 from linmoe.decode import decode_step, prefill
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 from linmoe.optim import make_optimizer
 from linmoe.steps import TrainState
 
@@ -26,7 +28,8 @@ def model_config(pattern: str):
 
 def build(pattern: str, seed: int = 0):
   model = LinearMoELM(ModelConfig.from_config(model_config(pattern), VOCAB))
-  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16), jnp.int32))["params"]
+  params = jax.jit(functools.partial(init_params, model))(jax.random.key(seed),
+                                                        jnp.zeros((1, 16), jnp.int32))
   # Sharper logits than at init, so that argmax is not decided by rounding.
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 30
   return model, params

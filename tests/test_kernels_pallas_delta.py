@@ -3,7 +3,6 @@
 Few shapes, so that the interpreted kernels compile once per shape: the seeds and hostile values reuse them.
 """
 
-import functools
 import importlib
 
 import jax

@@ -12,7 +12,7 @@ import pytest
 from linmoe.config import ModelConfig
 from linmoe.layers import LSM_LAYERS
 from linmoe.decode import cache_bytes, decode_step, prefill
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 from linmoe.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -42,7 +42,7 @@ def zoo(request):
   cfg = zoo_config(name, mom)
   model = LinearMoELM(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, SEQ), 0, VOCAB)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = init_params(model, jax.random.key(0), tokens)
   forward = jax.jit(model.apply)
   logits, _ = forward({"params": params}, tokens)
   # Causality: changing the tokens after position t leaves the logits up to t unchanged.

@@ -4,10 +4,9 @@ Every LSM instance is covered by tests/test_lsm_zoo.py, the MoE layer by tests/t
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from linmoe.config import ModelConfig, default_config
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 
 VOCAB, SEQ = 64, 24  # SEQ is not a multiple of the chunk size (16)
 
@@ -28,7 +27,7 @@ def model_config(**overrides) -> ModelConfig:
 def check_model(cfg: ModelConfig):
   model = LinearMoELM(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, VOCAB)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = init_params(model, jax.random.key(0), tokens)
   forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
   logits, aux = forward(params, tokens)
   assert logits.shape == (2, SEQ, VOCAB) and logits.dtype == jnp.float32
@@ -53,7 +52,7 @@ def test_bfloat16_compute_keeps_float32_params():
   cfg = model_config(compute_dtype="bfloat16", pattern="LN")
   model = LinearMoELM(cfg)
   tokens = jnp.zeros((1, SEQ), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = init_params(model, jax.random.key(0), tokens)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   logits, _ = model.apply({"params": params}, tokens)
   assert np.isfinite(np.asarray(logits)).all()

@@ -1,5 +1,4 @@
 """The MoE layer against a loop-over-tokens-and-experts reference, for every router and dispatch mode."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 from linmoe.config import ModelConfig, default_config
 from linmoe.layers.moe import MoE, capacity
 from linmoe.layers.router import move_rows, route, router_losses
+from linmoe.model import init_params
 
 D_MODEL, TOKENS = 16, 18
 
@@ -60,7 +60,7 @@ def reference(params, x, cfg: ModelConfig, cap: int | None = None):
 def run(cfg, seed=0, training=True):
   x = jax.random.normal(jax.random.key(seed), (2, TOKENS // 2, D_MODEL))
   layer = MoE(cfg, training=training)
-  params = nn.meta.unbox(layer.init(jax.random.key(seed + 10), x)["params"])
+  params = init_params(layer, jax.random.key(seed + 10), x)
   y, aux = layer.apply({"params": params}, x)
   return x, params, y, aux
 

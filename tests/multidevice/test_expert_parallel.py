@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from linmoe.config import MESH_AXES, ModelConfig, default_config
 from linmoe.layers.moe import MoE
+from linmoe.model import init_params
 from linmoe.parallel.expert import expert_parallel_moe
 from linmoe.parallel.mesh import BATCH_AXES, make_mesh
 
@@ -45,7 +46,7 @@ def single_device(request):
     kx, kc, kp = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, (BATCH, SEQ, D_MODEL))
     cotangent = jax.random.normal(kc, x.shape)
-    params = MoE(cfg).init(kp, x)["params"]
+    params = init_params(MoE(cfg), kp, x)
     cases.append(((params, x, cotangent), fn(params, x, cotangent)))
   return cfg, cases
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from linmoe.config import ModelConfig, default_config
 from linmoe.layers.common import rms_norm
-from linmoe.model import Block, LinearMoELM
+from linmoe.model import Block, LinearMoELM, init_params
 from tests.multidevice.test_sequence_parallel import assert_close
 
 VOCAB, BATCH, SEQ = 64, 2, 32
@@ -72,7 +72,7 @@ def _sequence_mesh() -> Mesh:
 def test_loss_and_grads_match_one_device(name):
   model = MODELS[name]()
   tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, VOCAB)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = init_params(model, jax.random.key(0), tokens)
   loss_and_grads = jax.value_and_grad(functools.partial(_loss, model))
   expected = jax.jit(loss_and_grads)(params, tokens)
   mesh = _sequence_mesh()

@@ -14,7 +14,6 @@ import os
 # Compile faster (these tests compile 17 programs): LLVM's expensive passes do not change fp32 results.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from linmoe.config import MESH_AXES, ModelConfig, default_config
-from linmoe.model import LinearMoELM
+from linmoe.model import LinearMoELM, init_params
 from linmoe.parallel import rules
 from linmoe.parallel.mesh import batch_sharding, make_mesh, put_global, replicated
 from linmoe.steps import loss_fn
@@ -76,7 +75,7 @@ def one_device(lsm: str):
   tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ + 1), 0, VOCAB)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   def init_loss_and_grads(rng):  # one program: a compile per instance, not two
-    params = nn.meta.unbox(model.init(rng, batch["inputs"])["params"])
+    params = init_params(model, rng, batch["inputs"])
     return params, *loss_and_grads(params, batch, model, cfg)
   params, loss, grads = jax.jit(init_loss_and_grads)(jax.random.key(0))
   return params, jax.device_get(batch), loss, grads

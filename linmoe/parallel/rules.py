@@ -55,12 +55,13 @@ def ones_init(*names: str | None) -> Callable:
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], axis_sizes: dict[str, int]) -> PartitionSpec:
-  """`spec` with, per dimension, only the leading mesh axes whose product divides that dimension."""
+  """`spec` with, per dimension, only the leading mesh axes whose product divides that dimension; axes
+  the mesh does not have are dropped (a test's or a tool's mesh may name only some)."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     kept = []
-    for axis in axes:
+    for axis in (a for a in axes if a in axis_sizes):
       if dim % (math.prod(axis_sizes.get(a, 1) for a in (*kept, axis))) == 0:
         kept.append(axis)
       else:

@@ -31,8 +31,8 @@ from tests.conftest import tiny_config
 VOCAB, BATCH, SEQ = 128, 8, 24  # SEQ: not a multiple of the chunk (16); divisible by 2, 4, 8
 LOSS_RTOL, GRAD_RTOL, GRAD_ATOL_FRACTION = 1e-5, 1e-4, 1e-4
 
-# (mesh, instance): one instance of each recurrence family (and MoM), each on one mesh; every mesh gets
-# two instances. A new mesh is one more line, e.g. ("sequence=8", "gla").
+# (mesh, instance): one instance of each recurrence family (and MoM) on a data/fsdp/tensor mesh, then the
+# sequence and expert meshes. A new mesh is one more line.
 CASES = [
     ("data=8", "retnet"),  # simple_gla
     ("fsdp=8", "gla"),  # gla
@@ -42,6 +42,10 @@ CASES = [
     ("fsdp=8", "rwkv7"),  # dplr
     ("fsdp=4,tensor=2", "titans"),  # titans
     ("data=2,fsdp=2,tensor=2", "mom"),  # Mixture-of-Memories over gla
+    ("sequence=8", "gated_deltanet"),  # LASP-2 with a matrix carry, LASP-2H, short convs across shards
+    ("data=2,sequence=4", "gla"),
+    ("fsdp=2,tensor=2,sequence=2", "mom"),
+    ("expert=4,data=2", "retnet"),  # expert parallelism
 ]
 
 
@@ -126,7 +130,7 @@ def test_trainer_on_a_mesh_logs_the_losses_of_one_device(small_corpus, tmp_path)
     c.mesh.update(mesh)
     return c
   Trainer(config("one", {}), devices=jax.devices()[:1]).train()
-  trainer = Trainer(config("mesh", mesh_shape("data=2,fsdp=2,tensor=2")))
+  trainer = Trainer(config("mesh", mesh_shape("fsdp=2,expert=2,sequence=2")))
   assert not trainer.state_shardings.params["embed"]["embedding"].is_fully_replicated
   trainer.train(until=2)
   trainer.train()  # restores step 2 from the sharded checkpoint

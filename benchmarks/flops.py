@@ -23,6 +23,7 @@ import numpy as np
 
 from linmoe.config import ModelConfig
 from linmoe.layers import lsm as lsm_module
+from linmoe.model import LinearMoELM
 
 DELTA_FAMILIES = ("delta_rule", "dplr", "titans")
 
@@ -63,11 +64,15 @@ def _recording_op_calls(calls: list):
     lsm_module.FAMILIES.update(saved)
 
 
-def step_flops(model, params, cfg: ModelConfig, batch: int, seq: int) -> dict:
-  """Model FLOPs of one training step on [batch, seq] tokens: {"total", "matmul", "mixer"}."""
+def step_flops(params, cfg: ModelConfig, batch: int, seq: int) -> dict:
+  """Model FLOPs of one training step on [batch, seq] tokens: {"total", "matmul", "mixer"}.
+
+  The op calls are recorded from an unrolled copy of the model (a scanned stack traces its unit once).
+  """
+  unrolled = LinearMoELM(dataclasses.replace(cfg, scan_layers=False, remat="none"))
   calls = []
   with _recording_op_calls(calls):
-    jax.eval_shape(model.apply, {"params": params}, jnp.zeros((batch, seq), jnp.int32))
+    jax.eval_shape(unrolled.init, jax.random.key(0), jnp.zeros((batch, seq), jnp.int32))
   tokens = batch * seq
   mixer = sum(recurrence_flops_per_token(name, q[2], q[3], v[3], min(cfg.chunk_size, seq)) * tokens
               for name, q, v in calls)

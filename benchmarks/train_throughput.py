@@ -6,7 +6,9 @@ memory analysis: arguments + outputs + temporaries - aliased) and the compile ti
 trainer's own `train_step` (forward, backward, AdamW; bf16 compute, fp32 master weights).
 
 Models: an LSM name (a pure-LSM stack), NAME@PATTERN (e.g. gla@LLLN, a hybrid) or "attention"
-(every block softmax attention, cuDNN flash attention on GPU), all with the preset's MoE.
+(every block softmax attention, cuDNN flash attention on GPU), all with the preset's MoE. Blocks are
+rematerialized (`--remat`, default block: 64K tokens of A0.3B-2B activations do not fit otherwise) and
+the layer stack is one `nn.scan` where the LSM allows it.
 
   python3 -m benchmarks.train_throughput --out results.json [--models gla,attention]
       [--seqs 2048,4096] [--tokens 65536] [--layers 12] [--steps 10] [--profile DIR] [--small]
@@ -39,14 +41,19 @@ def peak_flops() -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
-def model_config(config, name: str, layers: int | None, vocab: int, small: bool) -> ModelConfig:
-  """The preset config's model section with the mixer `name` (see the module docstring)."""
+def model_config(config, name: str, layers: int | None, vocab: int, small: bool,
+                 remat: str = "none") -> ModelConfig:
+  """The preset config's model section with the mixer `name` (see the module docstring), `remat`
+  per block and the layer stack scanned where the LSM allows it."""
+  from linmoe.layers import DEPTH_DEPENDENT_LSMS  # noqa: PLC0415
   m = config.model
+  m.remat = remat
   lsm, _, pattern = name.partition("@")
   if lsm == "attention":
     m.pattern = "N"
   else:
     m.lsm, m.pattern = lsm, pattern or "L"
+  m.scan_layers = m.lsm not in DEPTH_DEPENDENT_LSMS
   if layers:
     m.n_layers = layers
   if small:  # a CPU smoke run of the script itself
@@ -87,7 +94,7 @@ def measure(cfg: ModelConfig, train_config, batch: int, seq: int, steps: int,
       state, metrics = compiled(state, data)
       jax.block_until_ready(metrics["loss"])
   seconds = statistics.median(times)
-  flops = step_flops(model, params, cfg, batch, seq)
+  flops = step_flops(params, cfg, batch, seq)
   peak = peak_flops()
   return {"step_ms": 1e3 * seconds, "tokens_per_s": batch * seq / seconds,
           "model_tflops_per_step": flops["total"] / 1e12,
@@ -105,6 +112,7 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch * seq)")
   parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
   parser.add_argument("--vocab", type=int, default=32768)
+  parser.add_argument("--remat", default="block", help="model.remat: none, block or save_matmuls")
   parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   parser.add_argument("--profile", default=None, help="write a trace of one step per case here")
   parser.add_argument("--small", action="store_true", help="tiny model, for a CPU run of the script")
@@ -116,7 +124,7 @@ def main() -> None:
   for name in args.models.split(","):
     for seq in map(int, args.seqs.split(",")):
       config = importlib.import_module(args.preset).get_config()  # e.g. configs.a0p3b_2b
-      cfg = model_config(config, name, args.layers, args.vocab, args.small)
+      cfg = model_config(config, name, args.layers, args.vocab, args.small, args.remat)
       row = {"model": name, "seq": seq, "batch": max(1, args.tokens // seq)}
       try:
         profile = args.profile and f"{args.profile}/{name}_{seq}"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from linmoe.config import ModelConfig, default_config
+from linmoe.layers import moe as moe_layer
 from linmoe.layers.moe import MoE, capacity
 from linmoe.layers.router import move_rows, route, router_losses
 from linmoe.model import init_params
@@ -140,3 +141,19 @@ def test_move_rows_gradient_equals_the_plain_gather(repeat):
   np.testing.assert_array_equal(fast(x), plain(x))
   np.testing.assert_allclose(jax.vjp(fast, x)[1](cotangent)[0], jax.vjp(plain, x)[1](cotangent)[0],
                              rtol=1e-6)
+
+
+def test_few_tokens_gather_expert_weights_with_the_grouped_results(monkeypatch):
+  """Decoding-sized inputs (slots <= experts) take the per-slot weight gather: same outputs and
+  gradients as the sorted grouped path and the loop reference."""
+  cfg = moe_config()
+  x = jax.random.normal(jax.random.key(5), (1, cfg.moe.num_experts // cfg.moe.top_k, D_MODEL))
+  layer = MoE(cfg)
+  params = init_params(layer, jax.random.key(6), x)
+  loss = lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2)
+  gathered = layer.apply({"params": params}, x)[0], jax.grad(loss)(params)
+  monkeypatch.setattr(moe_layer, "GATHER_MAX_SLOTS_PER_EXPERT", 0)
+  grouped = layer.apply({"params": params}, x)[0], jax.grad(loss)(params)
+  np.testing.assert_allclose(gathered[0], reference(params, x, cfg), rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(gathered), jax.tree.leaves(grouped)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -36,6 +36,20 @@ def grouped_swiglu(xs: jnp.ndarray, weights: tuple, group_sizes: jnp.ndarray, im
   return gmm(jax.nn.silu(gate) * up, w_down)
 
 
+def gathered_swiglu(tokens: jnp.ndarray, experts: jnp.ndarray, weights: tuple) -> jnp.ndarray:
+  """SwiGLU of each token through each of its k experts, with those experts' weights gathered per
+  slot: tokens [N, D], experts [N, k] -> [N*k, D] in slot order. Exact like the grouped path; for a few
+  tokens (decoding) it reads N*k expert matrices instead of every expert's and launches no grouped
+  kernel, so `MoE` takes it when the slots are no more than the experts (GATHER_MAX_SLOTS_PER_EXPERT)."""
+  w_gate, w_up, w_down = (w[experts] for w in weights)  # [N, k, D, F], [N, k, D, F], [N, k, F, D]
+  h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", tokens, w_gate)) * jnp.einsum("nd,nkdf->nkf", tokens, w_up)
+  return jnp.einsum("nkf,nkfd->nkd", h, w_down).reshape(-1, tokens.shape[-1])
+
+
+# Dropless slots per expert up to which `MoE` gathers weights per slot instead of sorting the slots.
+GATHER_MAX_SLOTS_PER_EXPERT = 1
+
+
 class MoE(nn.Module):
   """[batch, seq, d_model] -> ([batch, seq, d_model], aux losses and load metrics)."""
   cfg: ModelConfig
@@ -67,6 +81,8 @@ class MoE(nn.Module):
       ffn = functools.partial(grouped_swiglu, impl=moe.gmm_impl)
       out, dropped = expert.expert_parallel_moe(tokens, routing.experts, routing.weights, weights, ffn,
                                                 cap)
+    elif cap is None and routing.experts.size <= GATHER_MAX_SLOTS_PER_EXPERT * moe.num_experts:
+      out = combine(gathered_swiglu(tokens, routing.experts, weights), routing.weights)
     else:
       slots = sort_slots(routing.experts, moe.num_experts)
       if cap is None:

@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_throughput import model_config
+from benchmarks.train_throughput import add_model_arguments, model_config
 from linmoe.decode import cache_bytes, decode_step, prefill
 from linmoe.model import LinearMoELM, init_params
 
@@ -52,15 +52,10 @@ def measure(cfg, batch: int, context: int, steps: int) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="configs.a0p3b_2b")
-  parser.add_argument("--models", default=",".join(MODELS))
+  add_model_arguments(parser, MODELS)
   parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
   parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-  parser.add_argument("--layers", type=int, default=None)
-  parser.add_argument("--vocab", type=int, default=32768)
   parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--small", action="store_true", help="tiny model, for a CPU run of the script")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = []
   print(f"device: {jax.devices()[0].device_kind}")

@@ -62,6 +62,16 @@ def model_config(config, name: str, layers: int | None, vocab: int, small: bool,
   return ModelConfig.from_config(m, vocab)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, models: tuple[str, ...]) -> None:
+  """The arguments every whole-model benchmark takes (the preset, the models, their size, the output)."""
+  parser.add_argument("--preset", default="configs.a0p3b_2b")
+  parser.add_argument("--models", default=",".join(models))
+  parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
+  parser.add_argument("--vocab", type=int, default=32768)
+  parser.add_argument("--small", action="store_true", help="tiny model, for a CPU run of the script")
+  parser.add_argument("--out", default=None)
+
+
 def measure(cfg: ModelConfig, train_config, batch: int, seq: int, steps: int,
             profile_dir: str | None) -> dict:
   model = LinearMoELM(cfg)
@@ -106,17 +116,12 @@ def measure(cfg: ModelConfig, train_config, batch: int, seq: int, steps: int,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="configs.a0p3b_2b")
-  parser.add_argument("--models", default=",".join(MODELS))
+  add_model_arguments(parser, MODELS)
   parser.add_argument("--seqs", default=",".join(map(str, SEQS)))
   parser.add_argument("--tokens", type=int, default=65536, help="tokens per step (batch * seq)")
-  parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
-  parser.add_argument("--vocab", type=int, default=32768)
   parser.add_argument("--remat", default="block", help="model.remat: none, block or save_matmuls")
   parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
   parser.add_argument("--profile", default=None, help="write a trace of one step per case here")
-  parser.add_argument("--small", action="store_true", help="tiny model, for a CPU run of the script")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = []
   print(f"device: {jax.devices()[0].device_kind}; {args.tokens} tokens per step")

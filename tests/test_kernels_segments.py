@@ -52,6 +52,24 @@ CASES = {
 }
 
 
+
+
+def _pallas_inputs(family: str, seed: int) -> dict:
+  """The family's inputs with value_dim doubled to 16, the smallest tile of the Pallas kernels."""
+  inputs = _inputs(FAMILIES[family], SEQ, seed)
+  rng = np.random.default_rng(seed + 2000)
+  wide = lambda x: jnp.concatenate([x, _normal(rng, x.shape)], axis=-1)  # noqa: E731
+  return inputs | {"v": wide(inputs["v"]), "initial_state": wide(inputs["initial_state"])}
+
+
+# impl="pallas" at its tile sizes: gla's chunk of 32 (sub-chunks of 16) has the boundary 32 of row 1 on its edge
+# and the others inside.
+PALLAS_CASES = {
+    "simple_gla": Case(kernels.simple_gla, lambda s: _pallas_inputs("simple_gla", s), {"chunk_size": CHUNK}),
+    "gla": Case(kernels.gla, lambda s: _pallas_inputs("gla", s), {"chunk_size": 32, "sub_chunk_size": 16}),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where each document of the packed batch lies, and the index arrays between the two layouts.
@@ -118,8 +136,9 @@ LAYOUT = _layout()
 @functools.partial(jax.jit, static_argnames=("case", "impl"))
 def _vjp(inputs: dict, segment_ids: jax.Array | None, cotangent: tuple, case: str,
          impl: str) -> tuple[tuple, dict]:
-  """(o, final_state) of the case's op and the gradients of every input under `cotangent`."""
-  spec = CASES[case]
+  """(o, final_state) of the case's op and the gradients of every input under `cotangent` (the case of
+  PALLAS_CASES for impl "pallas", of CASES otherwise)."""
+  spec = (PALLAS_CASES if impl == "pallas" else CASES)[case]
   run = lambda x: spec.op(**x, segment_ids=segment_ids, impl=impl, **spec.tiling)
   outputs, vjp = jax.vjp(run, inputs)
   (grads,) = vjp(cotangent)
@@ -180,14 +199,23 @@ def test_hostile_gates_at_boundaries(case):
     assert_packed_matches_separate(case, _hostile_boundaries(CASES[case].inputs(1)), impl, seed=1)
 
 
-def test_pallas_refuses_segment_ids_and_auto_falls_back():
-  inputs = CASES["gla"].inputs(0)
+def test_impl_without_segment_ids_refuses_them_and_auto_falls_back():
   segment_ids = jnp.asarray(LAYOUT.segment_ids)
-  with pytest.raises(ValueError, match="impl='pallas' does not support segment_ids"):
-    kernels.gla(**inputs, segment_ids=segment_ids, impl="pallas")
   impls = {"chunked": lambda **kw: kw, "pallas": lambda **kw: "pallas"}
+  with pytest.raises(ValueError, match="impl='pallas' does not support segment_ids"):
+    common.select_impl(impls, "pallas", "pallas", segment_ids)
   assert common.select_impl(impls, "auto", "pallas", segment_ids)() == {"segment_ids": segment_ids}
   assert common.select_impl(impls, "auto", "pallas") is impls["pallas"]
+  taking = common.select_impl(impls, "auto", "pallas", segment_ids, (*common.SEGMENT_IMPLS, "pallas"))
+  assert taking() == "pallas"
+
+
+@pytest.mark.parametrize("case", PALLAS_CASES)
+def test_pallas_packed_matches_separate(case):
+  """Interpret mode; then hostile gates next to the boundaries, on the same compiled functions."""
+  inputs = PALLAS_CASES[case].inputs(0)
+  assert_packed_matches_separate(case, inputs, "pallas", seed=0)
+  assert_packed_matches_separate(case, _hostile_boundaries(inputs), "pallas", seed=0)
 
 
 @pytest.mark.parametrize("case", CASES)

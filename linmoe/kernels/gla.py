@@ -26,13 +26,14 @@ def _naive(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: flo
 
 
 # Implementations by name; each takes (q, k, v, g [.., decay_dim], *, scale, initial_state, **tiling), and
-# those of common.SEGMENT_IMPLS a keyword segment_ids.
+# those of _SEGMENT_IMPLS a keyword segment_ids.
 _IMPLS = {"naive": _naive, "chunked": chunked.chunked_recurrence, "pallas": pallas.pallas_recurrence}
+_SEGMENT_IMPLS = (*common.SEGMENT_IMPLS, "pallas")
 
 
 def auto_impl(q: jax.Array, v: jax.Array, per_key_decay: bool, **tiling: int) -> str:
-  """"pallas" on a GPU for the sizes its GPU tests cover (tests/gpu/test_kernels_pallas_gpu.py;
-  3-9x faster than "chunked" there, benchmarks/RESULTS.md), else "chunked"."""
+  """"pallas" on a GPU for the sizes its GPU tests cover (tests/gpu/test_kernels_pallas_gpu.py, with and
+  without segment ids; 3-9x faster than "chunked" there, benchmarks/RESULTS.md), else "chunked"."""
   sub_chunk = tiling.get("sub_chunk_size", chunked.DEFAULT_SUB_CHUNK_SIZE)
   if jax.default_backend() == "gpu" and pallas.supports(
       q.shape[-1], v.shape[-1], tiling["chunk_size"], sub_chunk, per_key_decay):
@@ -68,7 +69,7 @@ def _run(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None, scale: f
          initial_state: jax.Array | None, segment_ids: jax.Array | None, impl: str, per_key_decay: bool,
          **tiling: int) -> tuple[jax.Array, jax.Array]:
   """Validates the sequence inputs and calls the implementation named by `impl`."""
-  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, per_key_decay, **tiling), segment_ids)
+  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, per_key_decay, **tiling), segment_ids, _SEGMENT_IMPLS)
   g = _check_inputs(q, k, v, g, initial_state, _SEQ_AXES, per_key_decay)
   segments.check(segment_ids, *q.shape[:2])
   scale = common.default_scale(scale, q.shape[-1])
@@ -89,7 +90,7 @@ def simple_gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None = N
     scale: output scale, default key_dim ** -0.5.
     initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
     segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
-      the id changes (linmoe/kernels/segments.py); "naive" and "chunked" only ("auto" picks "chunked").
+      the id changes (linmoe/kernels/segments.py); every impl takes them.
     impl: "naive", "chunked", "pallas" (key_dim, value_dim powers of two >= 16) or "auto".
     chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
 
@@ -113,7 +114,7 @@ def gla(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float 
     scale: output scale, default key_dim ** -0.5.
     initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
     segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
-      the id changes (linmoe/kernels/segments.py); "naive" and "chunked" only ("auto" picks "chunked").
+      the id changes (linmoe/kernels/segments.py); every impl takes them.
     impl: "naive", "chunked", "pallas" (key_dim, value_dim powers of two >= 16) or "auto".
     chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
     sub_chunk_size: sub-chunk length of the chunked intra part; must divide chunk_size ("pallas": a power of

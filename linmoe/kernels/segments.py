@@ -82,17 +82,26 @@ class ChunkMasks(NamedTuple):
   continues: jax.Array | None = None
 
 
-def chunk_masks(segment_ids: jax.Array | None, chunk_size: int) -> ChunkMasks:
-  """The masks of the chunked forms (ChunkMasks) for segment_ids [batch, seq]; all None when None."""
-  if segment_ids is None:
-    return ChunkMasks()
+def chunk_documents(segment_ids: jax.Array, chunk_size: int) -> jax.Array:
+  """[batch, n_chunks, C] int32: the number of documents started in the chunk up to and including each
+  token, so 0 for the tokens in the document of the token before the chunk (chunk 0: of the first token,
+  which owns the initial state). Padding at the end of segment_ids [batch, seq] continues the last document.
+  """
   # Document index: 0 at the first token, + 1 at every boundary; padding repeats the last one.
   doc = jnp.cumsum(~continues(segment_ids), axis=1, dtype=jnp.int32)
   doc = jnp.pad(doc, [(0, 0), (0, -doc.shape[1] % chunk_size)], mode="edge")
   doc = common.to_chunks(doc, chunk_size)  # [B, N, C]
   prev = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # document of the token before
+  return doc - prev[:, :, None]
+
+
+def chunk_masks(segment_ids: jax.Array | None, chunk_size: int) -> ChunkMasks:
+  """The masks of the chunked forms (ChunkMasks) for segment_ids [batch, seq]; all None when None."""
+  if segment_ids is None:
+    return ChunkMasks()
+  doc = chunk_documents(segment_ids, chunk_size)
   last = doc[:, :, -1]
-  before = jnp.concatenate([prev[:, :, None], doc[:, :, :-1]], axis=2)
+  before = jnp.concatenate([jnp.zeros_like(doc[:, :, :1]), doc[:, :, :-1]], axis=2)
   same = doc[:, :, :, None] == doc[:, :, None, :]
-  return ChunkMasks(same=same.reshape(-1, chunk_size, chunk_size), reads_prev=doc == prev[:, :, None],
-                    in_last=doc == last[:, :, None], carries=last == prev, continues=doc == before)
+  return ChunkMasks(same=same.reshape(-1, chunk_size, chunk_size), reads_prev=doc == 0,
+                    in_last=doc == last[:, :, None], carries=last == 0, continues=doc == before)

@@ -2,8 +2,13 @@
 
 Every grid is (i, bh, j): `bh` runs over batch * heads, `i` over chunks, sub-chunks or key blocks, and `j` over
 feature blocks. Tile functions work on loaded values; all decays are exponents <= 0 masked before `exp`.
+
+With segment ids, a kernel's first input is `docs` [batch, T, 1] int32 (segments.chunk_documents: the documents
+started in the chunk up to each token, 0 for the document of the token before the chunk); without them that
+ref is None and the kernel compiles without any mask (`with_documents`).
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -33,6 +38,31 @@ def head_state_spec(heads: int, block_k: int, block_v: int, k_block: BlockIndex,
   """Block [block_k, block_v] of a [batch, heads, K, V] state."""
   return pl.BlockSpec((None, None, block_k, block_v),
                       lambda i, bh, j: (bh // heads, bh % heads, k_block(i, j), v_block(i, j)))
+
+
+def document_spec(heads: int, rows: int, row_block: BlockIndex) -> pl.BlockSpec:
+  """Block [rows, 1] of the [batch, T, 1] documents, for the programs of every head of a batch entry."""
+  return pl.BlockSpec((None, rows, 1), lambda i, bh, j: (bh // heads, row_block(i, j), 0))
+
+
+def with_documents(kernel: Callable[..., None], docs: jax.Array | None,
+                   spec: pl.BlockSpec) -> tuple[Callable[..., None], list[pl.BlockSpec], tuple[jax.Array, ...]]:
+  """The kernel, the specs and the arguments to put before the others: docs and its spec, or (no segment
+  ids) nothing, the kernel's first ref bound to None."""
+  if docs is None:
+    return functools.partial(kernel, None), [], ()
+  return kernel, [spec], (docs,)
+
+
+def same_document(rows: jax.Array | None, cols: jax.Array | None) -> jax.Array | None:
+  """[R, C] bool: token pairs of one document, from the documents of rows [R, 1] and columns [C, 1] of one
+  chunk; None without segment ids."""
+  return None if rows is None else rows == jnp.transpose(cols)
+
+
+def both(mask: jax.Array, extra: jax.Array | None) -> jax.Array:
+  """mask & extra, or mask when extra is None."""
+  return mask if extra is None else mask & extra
 
 
 def dot(a: jax.Array, b: jax.Array, dtype: jnp.dtype, *, trans_a: bool = False,
@@ -73,18 +103,20 @@ def masked_exp(mask: jax.Array, exponent: jax.Array) -> jax.Array:
   return jnp.exp(jnp.where(mask, exponent, -jnp.inf))
 
 
-def scalar_decay_scores(q: jax.Array, k: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def scalar_decay_scores(q: jax.Array, k: jax.Array, b: jax.Array, dtype: jnp.dtype,
+                        same: jax.Array | None = None) -> jax.Array:
   """Causal intra-chunk scores (q_i . k_j) e^{b_i - b_j}, j <= i, for scalar decay.
 
   Args:
     q, k: [C, K].
     b: cumulative log decay [C, 1] fp32.
     dtype: operand dtype of the matmul.
+    same: optional [C, C] bool, the pairs of one document (the others score 0).
 
   Returns:
     [C (i), C (j)] fp32.
   """
-  decay = masked_exp(causal(q.shape[0]), b - jnp.transpose(b))
+  decay = masked_exp(both(causal(q.shape[0]), same), b - jnp.transpose(b))
   return dot(q, k, dtype, trans_b=True) * decay
 
 

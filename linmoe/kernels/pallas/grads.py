@@ -7,7 +7,9 @@ With dE = dL/dh_{n+1} (the gradient of the state leaving chunk n), B = b_C, dA_i
   db_i = q_i * dq_i - k_i * dk_i,
   plus at the chunk's last row dL/dB = e^B * rowsum(h_n * dE) + sum_j k_j * dk_j^state
 (db is the gradient of the cumulative log decay; the caller's autodiff maps it back to g). Scalar decay does
-the intra sums here; vector decay leaves them to `intra.intra_grads`.
+the intra sums here; vector decay leaves them to `intra.intra_grads`. With segment ids the same masks as in the
+forward pass: A and dA pair tokens of one document, h_n reaches the rows of the chunk's first document (in dq),
+dE those of its last one (in dv, dk), and e^B h_n is kept (dL/dB's first term) only in a chunk with no boundary.
 """
 
 import functools
@@ -19,40 +21,59 @@ from jax.experimental import pallas as pl
 from linmoe.kernels.pallas import _platform, _tile
 
 
-def _dv_kernel(k_ref, b_ref, do_ref, dh_ref, s_ref, dv_ref, *, scale: float, vector_decay: bool,
+def _documents(d_ref) -> tuple[jax.Array | None, jax.Array | None]:
+  """The documents of a chunk [C, 1] and of its last row [1, 1] (None, None without segment ids)."""
+  if d_ref is None:
+    return None, None
+  return d_ref[...], d_ref[pl.ds(d_ref.shape[0] - 1, 1), :]
+
+
+def _decay_from(exponent: jax.Array, d: jax.Array | None, d_from: jax.Array | int) -> jax.Array:
+  """e^exponent [C, Kg], masked to the rows of document d_from ([1, 1], or 0: the first) with segment ids."""
+  return jnp.exp(exponent) if d is None else _tile.masked_exp(d == d_from, exponent)
+
+
+def _dv_kernel(d_ref, k_ref, b_ref, do_ref, dh_ref, s_ref, dv_ref, *, scale: float, vector_decay: bool,
                dtype: jnp.dtype) -> None:
   """dv of one chunk and value block.
 
-  Refs: k [C, K], b [C, Kg] fp32, do [C, BV], dh [K, BV] fp32 (dE), s: q [C, K] (scalar decay) or the scores
-  A [C, C] fp32 (vector decay); output dv [C, BV].
+  Refs: d [C, 1] int32 documents or None, k [C, K], b [C, Kg] fp32, do [C, BV], dh [K, BV] fp32 (dE), s: q
+  [C, K] (scalar decay) or the scores A [C, C] fp32 (vector decay); output dv [C, BV].
   """
   k, b = k_ref[...], b_ref[...]
+  d, d_end = _documents(d_ref)
   b_end = b_ref[pl.ds(b.shape[0] - 1, 1), :]
-  scores = s_ref[...] if vector_decay else _tile.scalar_decay_scores(s_ref[...], k, b, dtype)
+  if vector_decay:
+    scores = s_ref[...]
+  else:
+    scores = _tile.scalar_decay_scores(s_ref[...], k, b, dtype, _tile.same_document(d, d))
   dv = scale * _tile.dot(scores, do_ref[...], dtype, trans_a=True)
-  dv += _tile.dot(k.astype(_tile.F32) * jnp.exp(b_end - b), dh_ref[...], dtype)
+  dv += _tile.dot(k.astype(_tile.F32) * _decay_from(b_end - b, d, d_end), dh_ref[...], dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref, dk_ref, db_ref, *, scale: float,
-                vector_decay: bool, dtype: jnp.dtype) -> None:
+def _dqk_kernel(d_ref, q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref, dk_ref, db_ref, *,
+                scale: float, vector_decay: bool, dtype: jnp.dtype) -> None:
   """dq, dk and db of one chunk and key block (without the intra sums for vector decay).
 
-  Refs: q, k [C, BK], v, do [C, V], b [C, Kg] fp32 (Kg 1 or BK), h, dh [BK, V] fp32 (h_n, dE); outputs dq, dk
-  [C, BK] and db [C, Kg] (for scalar decay, this key block's share of db).
+  Refs: d [C, 1] int32 documents or None, q, k [C, BK], v, do [C, V], b [C, Kg] fp32 (Kg 1 or BK), h, dh
+  [BK, V] fp32 (h_n, dE); outputs dq, dk [C, BK] and db [C, Kg] (for scalar decay, this key block's share).
   """
   chunk = q_ref.shape[0]
   q, k, v, do = q_ref[...].astype(_tile.F32), k_ref[...].astype(_tile.F32), v_ref[...], do_ref[...]
   h, dh, b = h_ref[...], dh_ref[...], b_ref[...]
   decay_dim = b.shape[-1]
+  d, doc_end = _documents(d_ref)
   b_end = b_ref[pl.ds(chunk - 1, 1), :]
-  dq = (scale * jnp.exp(b)) * _tile.dot(do, h, dtype, trans_b=True)
-  dk = jnp.exp(b_end - b) * _tile.dot(v, dh, dtype, trans_b=True)
-  d_end = (jnp.exp(b_end) * _tile.sum_to_decay(jnp.sum(h * dh, axis=1)[None, :], decay_dim)
+  carry = jnp.exp(b_end) if d is None else jnp.where(doc_end == 0, jnp.exp(b_end), 0.0)
+  dq = (scale * _decay_from(b, d, 0)) * _tile.dot(do, h, dtype, trans_b=True)
+  dk = _decay_from(b_end - b, d, doc_end) * _tile.dot(v, dh, dtype, trans_b=True)
+  d_end = (carry * _tile.sum_to_decay(jnp.sum(h * dh, axis=1)[None, :], decay_dim)
            + _tile.sum_to_decay(jnp.sum(k * dk, axis=0, keepdims=True), decay_dim))
   if not vector_decay:
     d_scores = scale * _tile.dot(do, v, dtype, trans_b=True)
-    d_scores *= _tile.masked_exp(_tile.causal(chunk), b - jnp.transpose(b))
+    d_scores *= _tile.masked_exp(_tile.both(_tile.causal(chunk), _tile.same_document(d, d)),
+                                 b - jnp.transpose(b))
     dq += _tile.dot(d_scores, k, dtype)
     dk += _tile.dot(d_scores, q, dtype, trans_a=True)
   db = _tile.sum_to_decay(q * dq - k * dk, decay_dim)
@@ -61,19 +82,23 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref, dk_re
   dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
-def _d_scores_kernel(do_ref, v_ref, ds_ref, *, scale: float, dtype: jnp.dtype) -> None:
-  """dL/dA = scale * do v^T of one chunk, zero above the diagonal. Refs: do, v [C, V]; output [C, C] fp32."""
+def _d_scores_kernel(d_ref, do_ref, v_ref, ds_ref, *, scale: float, dtype: jnp.dtype) -> None:
+  """dL/dA = scale * do v^T of one chunk, zero above the diagonal and (segment ids) between documents.
+
+  Refs: d [C, 1] int32 documents or None, do, v [C, V]; output [C, C] fp32.
+  """
   chunk = do_ref.shape[0]
+  d = None if d_ref is None else d_ref[...]
   d_scores = scale * _tile.dot(do_ref[...], v_ref[...], dtype, trans_b=True)
-  ds_ref[...] = jnp.where(_tile.causal(chunk), d_scores, 0.0)
+  ds_ref[...] = jnp.where(_tile.both(_tile.causal(chunk), _tile.same_document(d, d)), d_scores, 0.0)
 
 
 _CHUNK, _FEATURE, _FIRST = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
 
 
 def value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, d_states: jax.Array,
-               scores: jax.Array | None, *, scale: float, chunk: int, block_v: int,
-               dtype: jnp.dtype) -> jax.Array:
+               scores: jax.Array | None, *, scale: float, chunk: int, block_v: int, dtype: jnp.dtype,
+               docs: jax.Array | None = None) -> jax.Array:
   """dv of every chunk.
 
   Args:
@@ -86,6 +111,7 @@ def value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, d_states
     chunk: C.
     block_v: value block of one program, dividing V.
     dtype: dtype of dv (v's).
+    docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
 
   Returns:
     dv [batch, T, heads, V].
@@ -94,10 +120,13 @@ def value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, d_states
   value_dim, decay_dim = do.shape[-1], b.shape[-1]
   vector_decay = scores is not None
   score_source = scores if vector_decay else q
-  kernel = functools.partial(_dv_kernel, scale=scale, vector_decay=vector_decay, dtype=q.dtype)
+  kernel, doc_specs, doc_args = _tile.with_documents(
+      functools.partial(_dv_kernel, scale=scale, vector_decay=vector_decay, dtype=q.dtype), docs,
+      _tile.document_spec(heads, chunk, _CHUNK))
   call = _platform.pallas_call(
       kernel, name="linmoe_chunk_dv", grid=(seq // chunk, batch * heads, value_dim // block_v),
       in_specs=[
+          *doc_specs,
           _tile.token_spec(heads, chunk, key_dim, _CHUNK, _FIRST),
           _tile.token_spec(heads, chunk, decay_dim, _CHUNK, _FIRST),
           _tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE),
@@ -106,13 +135,13 @@ def value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, d_states
       ],
       out_specs=[_tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)],
       out_shape=[jax.ShapeDtypeStruct(do.shape[:-1] + (value_dim,), dtype)])
-  (dv,) = call(k, b, do, d_states, score_source)
+  (dv,) = call(*doc_args, k, b, do, d_states, score_source)
   return dv
 
 
 def query_key_grads(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, b: jax.Array, states: jax.Array,
-                    d_states: jax.Array, *, scale: float, chunk: int,
-                    block_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    d_states: jax.Array, *, scale: float, chunk: int, block_k: int,
+                    docs: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """dq, dk and db of every chunk; for vector decay only their inter-chunk parts.
 
   Args:
@@ -124,6 +153,7 @@ def query_key_grads(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, b: 
     scale: output scale.
     chunk: C.
     block_k: key block of one program, dividing K.
+    docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
 
   Returns:
     Scalar decay: dq, dk [batch, T, heads, K] in q's dtype and db [batch, T, heads, 1] fp32. Vector decay:
@@ -135,10 +165,13 @@ def query_key_grads(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, b: 
   n_key_blocks = key_dim // block_k
   decay_block = block_k if vector_decay else 1
   grad_dtype = _tile.F32 if vector_decay else q.dtype
-  kernel = functools.partial(_dqk_kernel, scale=scale, vector_decay=vector_decay, dtype=q.dtype)
+  kernel, doc_specs, doc_args = _tile.with_documents(
+      functools.partial(_dqk_kernel, scale=scale, vector_decay=vector_decay, dtype=q.dtype), docs,
+      _tile.document_spec(heads, chunk, _CHUNK))
   call = _platform.pallas_call(
       kernel, name="linmoe_chunk_dqk", grid=(seq // chunk, batch * heads, n_key_blocks),
       in_specs=[
+          *doc_specs,
           _tile.token_spec(heads, chunk, block_k, _CHUNK, _FEATURE),
           _tile.token_spec(heads, chunk, block_k, _CHUNK, _FEATURE),
           _tile.token_spec(heads, chunk, value_dim, _CHUNK, _FIRST),
@@ -157,18 +190,22 @@ def query_key_grads(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, b: 
           jax.ShapeDtypeStruct(q.shape, grad_dtype),
           jax.ShapeDtypeStruct((batch, seq, heads, key_dim if vector_decay else n_key_blocks), _tile.F32),
       ])
-  dq, dk, db = call(q, k, v, do, b, states, d_states)
+  dq, dk, db = call(*doc_args, q, k, v, do, b, states, d_states)
   return dq, dk, db if vector_decay else jnp.sum(db, axis=-1, keepdims=True)
 
 
-def score_grads(do: jax.Array, v: jax.Array, *, scale: float, chunk: int) -> jax.Array:
-  """dL/dA of vector decay's intra scores: [batch, T, heads, C] fp32 from do, v [batch, T, heads, V]."""
+def score_grads(do: jax.Array, v: jax.Array, *, scale: float, chunk: int,
+                docs: jax.Array | None = None) -> jax.Array:
+  """dL/dA of vector decay's intra scores: [batch, T, heads, C] fp32 from do, v [batch, T, heads, V] (and the
+  optional documents [batch, T, 1] int32 of segments.chunk_documents)."""
   batch, seq, heads, value_dim = v.shape
+  kernel, doc_specs, doc_args = _tile.with_documents(
+      functools.partial(_d_scores_kernel, scale=scale, dtype=v.dtype), docs,
+      _tile.document_spec(heads, chunk, _CHUNK))
   call = _platform.pallas_call(
-      functools.partial(_d_scores_kernel, scale=scale, dtype=v.dtype), name="linmoe_gla_d_scores",
-      grid=(seq // chunk, batch * heads, 1),
-      in_specs=[_tile.token_spec(heads, chunk, value_dim, _CHUNK, _FIRST)] * 2,
+      kernel, name="linmoe_gla_d_scores", grid=(seq // chunk, batch * heads, 1),
+      in_specs=[*doc_specs, *[_tile.token_spec(heads, chunk, value_dim, _CHUNK, _FIRST)] * 2],
       out_specs=[_tile.token_spec(heads, chunk, chunk, _CHUNK, _FIRST)],
       out_shape=[jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)])
-  (d_scores,) = call(do, v)
+  (d_scores,) = call(*doc_args, do, v)
   return d_scores

@@ -4,6 +4,8 @@ A pair (i, j) in different sub-chunks factors as e^{b_i - b_j} = e^{b_i - b_r} e
 row r between them (the first row of i's sub-chunk for the scores and dq, the last row of j's sub-chunk for dk):
 both exponents are <= 0 and a matmul does the sum over key channels. A pair inside one sub-chunk takes its
 [c, K] decays directly, one column (or row) per loop step. Every exponent is masked before exp.
+With segment ids the scores of pairs in different documents are 0; so is their dL/dA (`grads.score_grads`), which
+keeps those pairs out of the gradients too.
 """
 
 import functools
@@ -21,10 +23,11 @@ def _sub_chunk_start(chunk: int, sub: int) -> jax.Array:
   return pl.multiple_of((pl.program_id(0) % (chunk // sub)) * sub, sub)
 
 
-def _scores_kernel(q_ref, k_ref, b_ref, a_ref, *, sub: int, dtype: jnp.dtype) -> None:
-  """Scores A_ij = sum_d q_id k_jd e^{b_id - b_jd} (j <= i) of the rows of one sub-chunk.
+def _scores_kernel(d_ref, q_ref, k_ref, b_ref, a_ref, *, sub: int, dtype: jnp.dtype) -> None:
+  """Scores A_ij = sum_d q_id k_jd e^{b_id - b_jd} (j <= i, same document) of the rows of one sub-chunk.
 
-  Refs: q, k, b: the chunk [C, K] (b fp32); output a: the sub-chunk's rows [c, C] fp32.
+  Refs: d: the chunk's documents [C, 1] int32 or None; q, k, b: the chunk [C, K] (b fp32); output a: the
+  sub-chunk's rows [c, C] fp32.
   """
   chunk = k_ref.shape[0]
   start = _sub_chunk_start(chunk, sub)
@@ -41,7 +44,10 @@ def _scores_kernel(q_ref, k_ref, b_ref, a_ref, *, sub: int, dtype: jnp.dtype) ->
     pair = q * k_ref[col, :].astype(_tile.F32) * _tile.masked_exp(local >= t, b - b_ref[col, :])
     return scores + jnp.where(cols == start + t, jnp.sum(pair, axis=1, keepdims=True), 0.0)
 
-  a_ref[...] = lax.fori_loop(0, sub, diagonal, scores)
+  scores = lax.fori_loop(0, sub, diagonal, scores)
+  if d_ref is not None:
+    scores = jnp.where(_tile.same_document(d_ref[rows, :], d_ref[...]), scores, 0.0)
+  a_ref[...] = scores
 
 
 def _grads_kernel(q_ref, k_ref, b_ref, da_ref, dq_ref, dk_ref, db_ref, dq_out, dk_out, db_out, *, sub: int,
@@ -94,7 +100,8 @@ def _sub_chunk_specs(heads: int, chunk: int, sub: int, widths: tuple[int, ...],
   return chunk_specs + sub_specs
 
 
-def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: int) -> jax.Array:
+def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: int,
+                 docs: jax.Array | None = None) -> jax.Array:
   """Causal intra-chunk scores of vector decay.
 
   Args:
@@ -102,18 +109,22 @@ def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: i
     b: cumulative log decay within each chunk [batch, T, heads, K] fp32.
     chunk: C.
     sub: sub-chunk length c, dividing C.
+    docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
 
   Returns:
     A [batch, T, heads, C] fp32: row t holds A_ij for i = t and j over t's chunk (zero for j > i).
   """
   batch, seq, heads, key_dim = q.shape
+  per_chunk = chunk // sub
+  kernel, doc_specs, doc_args = _tile.with_documents(
+      functools.partial(_scores_kernel, sub=sub, dtype=q.dtype), docs,
+      _tile.document_spec(heads, chunk, lambda i, j: i // per_chunk))
   call = _platform.pallas_call(
-      functools.partial(_scores_kernel, sub=sub, dtype=q.dtype), name="linmoe_gla_intra_scores",
-      grid=(seq // sub, batch * heads, 1),
-      in_specs=_sub_chunk_specs(heads, chunk, sub, (key_dim,) * 3, ()),
+      kernel, name="linmoe_gla_intra_scores", grid=(seq // sub, batch * heads, 1),
+      in_specs=[*doc_specs, *_sub_chunk_specs(heads, chunk, sub, (key_dim,) * 3, ())],
       out_specs=_sub_chunk_specs(heads, chunk, sub, (), (chunk,)),
       out_shape=[jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)])
-  (scores,) = call(q, k, b)
+  (scores,) = call(*doc_args, q, k, b)
   return scores
 
 

@@ -7,6 +7,9 @@ chunk states and (vector decay) the scores are recomputed, which costs one more 
 [T / C, K, V] fp32 array kept alive from the forward pass to the backward. The reverse scan gives dL/dh at
 every chunk edge, then `grads` and (vector decay) `intra.intra_grads` give dv, dq, dk and dL/db per chunk.
 The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
+Segment ids reach every kernel as one int32 per token (`segments.chunk_documents`, computed outside), from which
+each kernel masks the pairs, reads and writes of the chunked form exactly as `chunked.py` does (never through
+the decay); without them the kernels compile with no mask at all.
 """
 
 import dataclasses
@@ -15,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import chunked, common
+from linmoe.kernels import chunked, common, segments
 from linmoe.kernels.pallas import grads, intra, output, state
 
 MIN_DIM = 16  # Smallest matmul side of the Triton lowering.
@@ -32,44 +35,46 @@ class _Config:
   block_v: int
 
 
-def _forward(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array,
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array, docs: jax.Array | None,
              cfg: _Config) -> tuple[jax.Array, jax.Array]:
   """o [batch, T, heads, V] and the final state [batch, heads, K, V] fp32 (T a multiple of the chunk)."""
   states, final = state.chunk_scan(k, v, b, h0, chunk=cfg.chunk, reverse=False, factor=1.0,
-                                   block_k=cfg.block_k, block_v=cfg.block_v)
-  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub) if b.shape[-1] > 1 else None
-  o = output.chunk_outputs(q, k, v, b, states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
+                                   block_k=cfg.block_k, block_v=cfg.block_v, docs=docs)
+  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs) if b.shape[-1] > 1 else None
+  o = output.chunk_outputs(q, k, v, b, states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v,
+                           docs=docs)
   return o, final
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _recurrence(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _recurrence(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array, docs: jax.Array | None,
                 cfg: _Config) -> tuple[jax.Array, jax.Array]:
-  return _forward(q, k, v, b, h0, cfg)
+  return _forward(q, k, v, b, h0, docs, cfg)
 
 
-def _recurrence_fwd(q, k, v, b, h0, cfg):
-  return _forward(q, k, v, b, h0, cfg), (q, k, v, b, h0)
+def _recurrence_fwd(q, k, v, b, h0, docs, cfg):
+  return _forward(q, k, v, b, h0, docs, cfg), (q, k, v, b, h0, docs)
 
 
-def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
-  """Gradients of (q, k, v, b, h0) from the cotangents of (o, final state)."""
-  q, k, v, b, h0 = residuals
+def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array | None, ...]:
+  """Gradients of (q, k, v, b, h0) from the cotangents of (o, final state); None for the documents."""
+  q, k, v, b, h0, docs = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
   vector_decay = b.shape[-1] > 1
-  scan = functools.partial(state.chunk_scan, chunk=cfg.chunk, block_k=cfg.block_k, block_v=cfg.block_v)
+  scan = functools.partial(state.chunk_scan, chunk=cfg.chunk, block_k=cfg.block_k, block_v=cfg.block_v,
+                           docs=docs)
   states, _ = scan(k, v, b, h0, reverse=False, factor=1.0)
   d_states, d_h0 = scan(q, do, b, d_final.astype(jnp.float32), reverse=True, factor=cfg.scale)
-  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub) if vector_decay else None
+  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs) if vector_decay else None
   dv = grads.value_grad(q, k, b, do, d_states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v,
-                        dtype=v.dtype)
+                        dtype=v.dtype, docs=docs)
   dq, dk, db = grads.query_key_grads(q, k, v, do, b, states, d_states, scale=cfg.scale, chunk=cfg.chunk,
-                                     block_k=cfg.block_k)
+                                     block_k=cfg.block_k, docs=docs)
   if vector_decay:
-    d_scores = grads.score_grads(do, v, scale=cfg.scale, chunk=cfg.chunk)
+    d_scores = grads.score_grads(do, v, scale=cfg.scale, chunk=cfg.chunk, docs=docs)
     dq, dk, db = intra.intra_grads(q, k, b, d_scores, dq, dk, db, chunk=cfg.chunk, sub=cfg.sub)
-  return dq, dk, dv, db, d_h0
+  return dq, dk, dv, db, d_h0, None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -115,10 +120,19 @@ def _pad_seq(x: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
 
+def _documents(segment_ids: jax.Array | None, chunk_size: int) -> jax.Array | None:
+  """The kernels' documents [batch, T padded, 1] int32 (segments.chunk_documents); None without segment ids."""
+  if segment_ids is None:
+    return None
+  docs = segments.chunk_documents(segment_ids, chunk_size)
+  return docs.reshape(docs.shape[0], -1, 1)
+
+
 def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *, scale: float,
                       initial_state: jax.Array | None = None,
                       chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
-                      sub_chunk_size: int = chunked.DEFAULT_SUB_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+                      sub_chunk_size: int = chunked.DEFAULT_SUB_CHUNK_SIZE,
+                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Chunked decay recurrence on Pallas kernels; same results as `naive.naive_recurrence`.
 
   Args:
@@ -131,6 +145,7 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
     initial_state: optional [batch, heads, key_dim, value_dim].
     chunk_size: C, a power of two >= 16; any seq works (zero padding at the end).
     sub_chunk_size: sub-chunk of the vector-decay intra part, a power of two >= 16 dividing C.
+    segment_ids: optional document ids [batch, seq]: the state restarts at each new document (segments.py).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
@@ -147,5 +162,6 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
   q, k, v, g = (_pad_seq(x, pad) for x in (q, k, v, g))
   cfg = _Config(scale=float(scale), chunk=chunk_size, sub=sub_chunk_size, block_k=min(BLOCK, key_dim),
                 block_v=min(BLOCK, value_dim))
-  o, final_state = _recurrence(q, k, v, _chunk_cumsum(g, chunk_size), h0, cfg)
+  docs = _documents(segment_ids, chunk_size)
+  o, final_state = _recurrence(q, k, v, _chunk_cumsum(g, chunk_size), h0, docs, cfg)
   return o[:, :seq_len], final_state

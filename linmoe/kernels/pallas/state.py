@@ -5,6 +5,9 @@ inside each chunk and `b_C` its last entry:
   forward  (x = k, y = v):        S_{n+1} = e^{b_C} S_n + (x * e^{b_C - b})^T y,  from the initial state;
   backward (x = scale * q, y = do): dS_n = e^{b_C} dS_{n+1} + (x * e^{b})^T y,      from d final_state.
 The state entering each chunk (in scan order) is stored for the parallel per-chunk kernels, fp32.
+With segment ids the state passes through a chunk only if the chunk has no boundary (e^{b_C} is then masked to
+0), the forward sums the keys of the chunk's last document only and the backward the queries that read the
+incoming state (those of its first document).
 """
 
 import functools
@@ -21,12 +24,12 @@ from linmoe.kernels.pallas import _platform, _tile
 SCAN_NUM_STAGES = {"scalar": 3, "vector": 2}
 
 
-def _scan_kernel(x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, chunk: int, reverse: bool,
+def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, chunk: int, reverse: bool,
                  factor: float, dtype: jnp.dtype) -> None:
   """Scans the chunks of one (batch, head, key block, value block).
 
-  Refs: x [T, BK], y [T, BV], b [T, Kg] fp32 (Kg 1 or BK), s0 [BK, BV] fp32; outputs: states [N, BK, BV]
-  (the state entering each chunk in scan order) and final [BK, BV], fp32.
+  Refs: d [T, 1] int32 documents or None, x [T, BK], y [T, BV], b [T, Kg] fp32 (Kg 1 or BK), s0 [BK, BV]
+  fp32; outputs: states [N, BK, BV] (the state entering each chunk in scan order) and final [BK, BV], fp32.
   """
   n_chunks = states_ref.shape[0]
 
@@ -38,16 +41,23 @@ def _scan_kernel(x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, chunk: i
     b = b_ref[rows, :]
     b_end = b_ref[start + chunk - 1, :]  # [Kg]
     exponent = b if reverse else b_end[None, :] - b
-    x = x_ref[rows, :].astype(_tile.F32) * (factor * jnp.exp(exponent))
+    carry = jnp.exp(b_end)
+    if d_ref is None:
+      weight = jnp.exp(exponent)
+    else:  # Rows of the document that reads (backward) or writes (forward) the state at the chunk's edge.
+      d, d_end = d_ref[rows, :], d_ref[start + chunk - 1, :]
+      weight = _tile.masked_exp(d == 0 if reverse else d == d_end[None, :], exponent)
+      carry = jnp.where(d_end == 0, carry, 0.0)
+    x = x_ref[rows, :].astype(_tile.F32) * (factor * weight)
     update = _tile.dot(x, y_ref[rows, :], dtype, trans_a=True)
-    return jnp.exp(b_end)[:, None] * state + update
+    return carry[:, None] * state + update
 
   final_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
 
 
 def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, chunk: int, reverse: bool,
-               factor: float, block_k: int, block_v: int,
-               num_stages: int | None = None) -> tuple[jax.Array, jax.Array]:
+               factor: float, block_k: int, block_v: int, num_stages: int | None = None,
+               docs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """States entering every chunk, and the last state, of the forward or backward pass over chunks.
 
   Args:
@@ -62,6 +72,7 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
     block_v: value block of one program, dividing V.
     num_stages: software-pipelining depth of the loop over chunks on the GPU (loads run this far ahead);
       None takes SCAN_NUM_STAGES of the decay.
+    docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
 
   Returns:
     states [batch, T / C, heads, K, V] fp32: entry n is the state before chunk n is applied in scan order
@@ -76,11 +87,14 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
   key_block, value_block, first = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
   decay_spec = _tile.token_spec(heads, seq, block_k if vector_decay else 1, first,
                                 key_block if vector_decay else first)
-  kernel = functools.partial(_scan_kernel, chunk=chunk, reverse=reverse, factor=factor, dtype=y.dtype)
+  kernel, doc_specs, doc_args = _tile.with_documents(
+      functools.partial(_scan_kernel, chunk=chunk, reverse=reverse, factor=factor, dtype=y.dtype), docs,
+      _tile.document_spec(heads, seq, first))
   call = _platform.pallas_call(
       kernel, name="linmoe_chunk_scan_bwd" if reverse else "linmoe_chunk_scan",
       grid=(key_dim // block_k, batch * heads, value_dim // block_v), num_stages=num_stages,
       in_specs=[
+          *doc_specs,
           _tile.token_spec(heads, seq, block_k, first, key_block),
           _tile.token_spec(heads, seq, block_v, first, value_block),
           decay_spec,
@@ -94,5 +108,5 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
           jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
           jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), _tile.F32),
       ])
-  states, final = call(x, y, b, initial)
+  states, final = call(*doc_args, x, y, b, initial)
   return states, final

@@ -3,7 +3,9 @@ flash-linear-attention 0.6.0), cuDNN attention.
 
 For each (batch, seq) shape, heads 8, head dim 128, bf16 inputs (fp32 log decays; the delta rule's keys L2
 normalised, beta in (0, 1)): the median milliseconds of the forward pass and of forward + backward (the vjp of o
-under a random cotangent, every input's gradient).
+under a random cotangent, every input's gradient). "pallas_packed" is "pallas" on the same shapes packed with
+documents: segment ids with a boundary at PACKED_DOC_LEN - 1 random tokens of every row on average (documents of
+random lengths, PACKED_DOC_LEN on average), to compare with the unpacked rows.
 flash-linear-attention runs in a PyTorch subprocess, started before JAX takes the GPU; cuDNN attention is
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
 
@@ -25,7 +27,8 @@ HEADS, DIM = 8, 128
 FAMILIES = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 # Each family's inputs after q, k, v, in the order of our op (fla's differs: `_fla_args`).
 EXTRA_INPUTS = {"simple_gla": ("g",), "gla": ("g",), "delta_rule": ("beta",), "gated_delta_rule": ("beta", "g")}
-OUR_IMPLS = ("chunked", "pallas")
+OUR_IMPLS = ("chunked", "pallas", "pallas_packed")
+PACKED_DOC_LEN = 1024
 ALL_IMPLS = (*OUR_IMPLS, "fla", "cudnn")
 
 
@@ -120,6 +123,18 @@ def _run_fla(shapes: Sequence[tuple[int, int]], families: Sequence[str], warmup_
   return rows
 
 
+def _packed_segment_ids(batch: int, seq: int, seed: int):
+  """[batch, seq] int32 document ids: each row cut at seq // PACKED_DOC_LEN - 1 distinct random tokens."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  n_cuts = max(seq // PACKED_DOC_LEN - 1, 0)
+  rows = [np.searchsorted(np.sort(rng.choice(np.arange(1, seq), n_cuts, replace=False)), np.arange(seq),
+                          side="right") for _ in range(batch)]
+  return jnp.asarray(np.stack(rows), jnp.int32)
+
+
 def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
   """Median wall-clock ms of fn(*args) to completion (block_until_ready), after warmup calls."""
   import jax  # noqa: PLC0415
@@ -153,10 +168,12 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
              "gla": {"g": jax.nn.log_sigmoid(jax.random.normal(keys[5], (batch, seq, HEADS, DIM)))},
              "delta_rule": {"beta": jax.nn.sigmoid(jax.random.normal(keys[6], (batch, seq, HEADS), jnp.bfloat16))}}
     extra["gated_delta_rule"] = extra["delta_rule"] | extra["simple_gla"]
+    packed = {"segment_ids": _packed_segment_ids(batch, seq, seed=seq)}
     for op_name in families:
-      op = ops[op_name]
       for impl in (i for i in OUR_IMPLS if i in impls):
-        out = lambda *a, op=op, impl=impl: op(*a, impl=impl)[0]  # noqa: E731
+        op = functools.partial(ops[op_name], **(packed if impl == "pallas_packed" else {}))
+        op_impl = "pallas" if impl == "pallas_packed" else impl
+        out = lambda *a, op=op, impl=op_impl: op(*a, impl=impl)[0]  # noqa: E731
         fwd = jax.jit(out)
         fwd_bwd = jax.jit(lambda *a, out=out: jax.vjp(out, *a[:-1])[1](a[-1]))
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
@@ -233,9 +250,9 @@ def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
 def _table(rows: Sequence[dict]) -> str:
   """One line per (batch, seq, op, impl): fwd and fwd+bwd ms."""
   fmt = lambda x: "-" if x is None else f"{x:9.3f}"  # noqa: E731
-  lines = [f"{'batch':>5} {'seq':>6} {'op':<16} {'impl':<8} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
+  lines = [f"{'batch':>5} {'seq':>6} {'op':<16} {'impl':<13} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
   for r in sorted(rows, key=lambda r: (r["seq"] * r["batch"], r["seq"], r["op"], r["impl"])):
-    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<16} {r['impl']:<8} {fmt(r['fwd_ms']):>9} "
+    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<16} {r['impl']:<13} {fmt(r['fwd_ms']):>9} "
                  f"{fmt(r['fwd_bwd_ms']):>9}  {r['error'] or ''}")
   return "\n".join(lines)
 

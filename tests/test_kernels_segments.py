@@ -3,7 +3,7 @@ each document (outputs, final state of each row's last document, gradients of ev
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,8 +105,8 @@ class Layout:
 
   def packed(self, x: jax.Array) -> jax.Array:
     """[n_docs, max_len, ...] -> [batch, seq, ...], the inverse of `separate`."""
-    doc = np.repeat(np.arange(len(self.row)), self.length).reshape(BATCH, SEQ)
-    pos = np.arange(SEQ)[None] - self.start[doc] + self.offset[doc]
+    doc = np.repeat(np.arange(len(self.row)), self.length).reshape(self.segment_ids.shape)
+    pos = np.arange(self.segment_ids.shape[1])[None] - self.start[doc] + self.offset[doc]
     return x[doc, pos]
 
   def first_doc_only(self, state: jax.Array) -> jax.Array:
@@ -120,17 +120,18 @@ class Layout:
     return jnp.where(is_last, state[self.row], 0)
 
 
-def _layout() -> Layout:
-  lengths = np.concatenate(LENGTHS)
-  row = np.repeat(np.arange(BATCH), [len(r) for r in LENGTHS])
-  start = np.concatenate([np.cumsum((0, *r[:-1])) for r in LENGTHS])
-  n_docs = np.cumsum([len(r) for r in LENGTHS])
-  ids = np.concatenate([np.repeat(np.arange(len(r)), r) + 7 * b for b, r in enumerate(LENGTHS)])
-  return Layout(ids.reshape(BATCH, SEQ).astype(np.int32), row, start, lengths,
+def layout(row_lengths: Sequence[Sequence[int]]) -> Layout:
+  """The Layout of packed rows holding documents of the given lengths (each row's lengths sum to seq)."""
+  lengths = np.concatenate(row_lengths)
+  row = np.repeat(np.arange(len(row_lengths)), [len(r) for r in row_lengths])
+  start = np.concatenate([np.cumsum((0, *r[:-1])) for r in row_lengths])
+  n_docs = np.cumsum([len(r) for r in row_lengths])
+  ids = np.concatenate([np.repeat(np.arange(len(r)), r) + 7 * b for b, r in enumerate(row_lengths)])
+  return Layout(ids.reshape(len(row_lengths), -1).astype(np.int32), row, start, lengths,
                 first=np.concatenate([[0], n_docs[:-1]]), last=n_docs - 1)
 
 
-LAYOUT = _layout()
+LAYOUT = layout(LENGTHS)
 
 
 @functools.partial(jax.jit, static_argnames=("case", "impl"))

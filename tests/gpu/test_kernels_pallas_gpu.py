@@ -5,6 +5,8 @@ Free device memory is filled with NaN before every Pallas call, so an output ele
 shows up as a non-finite value or a mismatch.
 Tolerances, on max |actual - expected| / (1 + max |expected|): fp32 inputs with fp32 matmuls 1e-4; bf16 inputs
 (the kernels' matmuls take bf16 operands, fp32 accumulation) 2e-2 against naive on the same bf16 values in fp32.
+Packed documents (segment ids): the same tolerances, against `chunked` run on each document alone in fp32
+(tests/test_kernels_segments.py checks chunked against the token loop there).
 """
 
 import functools
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from tests.test_kernels_segments import layout
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend")]
@@ -54,13 +57,15 @@ def _cotangent(inputs: dict, seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("family", "impl"))
-def _forward(inputs: dict, family: str, impl: str) -> tuple[jax.Array, jax.Array]:
-  return OPS[family](**inputs, impl=impl)
+def _forward(inputs: dict, family: str, impl: str,
+             segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  return OPS[family](**inputs, impl=impl, segment_ids=segment_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("family", "impl"))
-def _forward_and_vjp(inputs: dict, cotangent: tuple, family: str, impl: str) -> tuple[tuple, dict]:
-  outputs, vjp = jax.vjp(lambda x: OPS[family](**x, impl=impl), inputs)
+def _forward_and_vjp(inputs: dict, cotangent: tuple, family: str, impl: str,
+                     segment_ids: jax.Array | None = None) -> tuple[tuple, dict]:
+  outputs, vjp = jax.vjp(lambda x: OPS[family](**x, impl=impl, segment_ids=segment_ids), inputs)
   (grads,) = vjp(cotangent)
   return outputs, grads
 
@@ -120,3 +125,42 @@ def test_long_sequence_forward_matches_naive(family, seq_len):
   o, s = _forward(inputs, family, "pallas")
   _check({"o": o, "final_state": s}, {"o": o_ref, "final_state": s_ref}, BF16_TOL,
          f"{family} bfloat16 T={seq_len}")
+
+
+def _document_lengths(batch: int, seq_len: int, n_docs: int, seed: int) -> list[list[int]]:
+  """Random document lengths, n_docs per row; row 0 also has a one-token document and a boundary on a chunk
+  edge (1024)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for b in range(batch):
+    forced = [1024, 1500, 1501] if b == 0 else []
+    cuts = rng.choice(np.setdiff1d(np.arange(1, seq_len), forced), n_docs - 1 - len(forced), replace=False)
+    edges = np.concatenate([[0], np.sort(np.concatenate([cuts, forced])), [seq_len]]).astype(int)
+    rows.append(np.diff(edges).tolist())
+  return rows
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, BF16_TOL)])
+@pytest.mark.parametrize("family", OPS)
+def test_packed_matches_separate(family, dtype, tol):
+  """4 x 4K tokens, 8 documents per row: pallas with segment ids on the packed rows against chunked on every
+  document alone (zero initial state but for each row's first document), outputs, the final state of each
+  row's last document and every gradient; then impl="auto" takes the same kernels."""
+  lay = layout(_document_lengths(batch=4, seq_len=4096, n_docs=8, seed=3))
+  segment_ids = jnp.asarray(lay.segment_ids)
+  inputs = _inputs(family, batch=4, seq_len=4096, dtype=dtype, seed=3)
+  separate = {n: lay.separate(x) for n, x in inputs.items() if n != "initial_state"}
+  separate["initial_state"] = lay.first_doc_only(inputs["initial_state"])
+  do, d_final = _cotangent(inputs, 7)
+  with jax.default_matmul_precision("highest"):
+    (o_ref, s_ref), g_ref = _forward_and_vjp(
+        _upcast(separate), _upcast((lay.separate(do), lay.last_doc_only(d_final))), family, "chunked")
+    _poison_free_memory()
+    (o, s), grads = _forward_and_vjp(inputs, (do, d_final), family, "pallas", segment_ids)
+  expected = {"o": lay.packed(o_ref), "final_state": s_ref[lay.last],
+              "initial_state": g_ref["initial_state"][lay.first]}
+  expected |= {n: lay.packed(g_ref[n]) for n in ("q", "k", "v", "g")}
+  assert o.dtype == inputs["v"].dtype and all(grads[n].dtype == x.dtype for n, x in inputs.items())
+  _check({"o": o, "final_state": s} | grads, expected, tol, f"{family} {jnp.dtype(dtype).name} packed 4x4096")
+  auto = jax.make_jaxpr(lambda x, ids: _forward(x, family, "auto", ids))(inputs, segment_ids)
+  assert "pallas_call" in str(auto), "impl='auto' with segment ids did not take the Pallas kernels"

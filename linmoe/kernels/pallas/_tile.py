@@ -98,9 +98,10 @@ def causal(n: int) -> jax.Array:
   return lax.broadcasted_iota(jnp.int32, (n, n), 0) >= lax.broadcasted_iota(jnp.int32, (n, n), 1)
 
 
-def masked_exp(mask: jax.Array, exponent: jax.Array) -> jax.Array:
-  """exp(exponent) where mask, else 0; masked before exp so that no positive exponent is formed."""
-  return jnp.exp(jnp.where(mask, exponent, -jnp.inf))
+def masked_exp(mask: jax.Array | None, exponent: jax.Array) -> jax.Array:
+  """exp(exponent) where mask (everywhere when None), else 0; masked before exp so that no positive exponent
+  is formed."""
+  return jnp.exp(exponent if mask is None else jnp.where(mask, exponent, -jnp.inf))
 
 
 def scalar_decay_scores(q: jax.Array, k: jax.Array, b: jax.Array, dtype: jnp.dtype,

@@ -65,9 +65,9 @@ def _dqk_kernel(d_ref, q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref
   decay_dim = b.shape[-1]
   d, doc_end = _documents(d_ref)
   b_end = b_ref[pl.ds(chunk - 1, 1), :]
-  carry = jnp.exp(b_end) if d is None else jnp.where(doc_end == 0, jnp.exp(b_end), 0.0)
   dq = (scale * _decay_from(b, d, 0)) * _tile.dot(do, h, dtype, trans_b=True)
   dk = _decay_from(b_end - b, d, doc_end) * _tile.dot(v, dh, dtype, trans_b=True)
+  carry = jnp.exp(b_end) if d is None else jnp.where(doc_end == 0, jnp.exp(b_end), 0.0)
   d_end = (carry * _tile.sum_to_decay(jnp.sum(h * dh, axis=1)[None, :], decay_dim)
            + _tile.sum_to_decay(jnp.sum(k * dk, axis=0, keepdims=True), decay_dim))
   if not vector_decay:

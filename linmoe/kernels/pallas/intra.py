@@ -90,12 +90,17 @@ def _grads_kernel(q_ref, k_ref, b_ref, da_ref, dq_ref, dk_ref, db_ref, dq_out, d
   db_out[...] = db_ref[...] + q * dq - k * dk
 
 
+def _chunk_of_sub_chunk(chunk: int, sub: int) -> _tile.BlockIndex:
+  """Block index of the whole chunk around the sub-chunk of grid index i."""
+  per_chunk = chunk // sub
+  return lambda i, j: i // per_chunk
+
+
 def _sub_chunk_specs(heads: int, chunk: int, sub: int, widths: tuple[int, ...],
                      sub_widths: tuple[int, ...]) -> list[pl.BlockSpec]:
   """Specs of whole-chunk blocks [C, width], then of sub-chunk blocks [c, width]; grid (sub-chunk, bh, 0)."""
-  per_chunk = chunk // sub
   first = lambda i, j: 0  # noqa: E731
-  chunk_specs = [_tile.token_spec(heads, chunk, w, lambda i, j: i // per_chunk, first) for w in widths]
+  chunk_specs = [_tile.token_spec(heads, chunk, w, _chunk_of_sub_chunk(chunk, sub), first) for w in widths]
   sub_specs = [_tile.token_spec(heads, sub, w, lambda i, j: i, first) for w in sub_widths]
   return chunk_specs + sub_specs
 
@@ -115,10 +120,9 @@ def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: i
     A [batch, T, heads, C] fp32: row t holds A_ij for i = t and j over t's chunk (zero for j > i).
   """
   batch, seq, heads, key_dim = q.shape
-  per_chunk = chunk // sub
   kernel, doc_specs, doc_args = _tile.with_documents(
       functools.partial(_scores_kernel, sub=sub, dtype=q.dtype), docs,
-      _tile.document_spec(heads, chunk, lambda i, j: i // per_chunk))
+      _tile.document_spec(heads, chunk, _chunk_of_sub_chunk(chunk, sub)))
   call = _platform.pallas_call(
       kernel, name="linmoe_gla_intra_scores", grid=(seq // sub, batch * heads, 1),
       in_specs=[*doc_specs, *_sub_chunk_specs(heads, chunk, sub, (key_dim,) * 3, ())],

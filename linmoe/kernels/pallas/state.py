@@ -32,27 +32,32 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, c
   fp32; outputs: states [N, BK, BV] (the state entering each chunk in scan order) and final [BK, BV], fp32.
   """
   n_chunks = states_ref.shape[0]
+  chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
+  start_of = lambda n: pl.multiple_of(n * chunk, chunk)  # noqa: E731
 
-  def body(step, state):
-    n = n_chunks - 1 - step if reverse else step
-    start = pl.multiple_of(n * chunk, chunk)
+  def body(step, carry):
+    state, d = carry
+    n = chunk_of(step)
+    start = start_of(n)
     rows = pl.ds(start, chunk)
     states_ref[n] = state
     b = b_ref[rows, :]
     b_end = b_ref[start + chunk - 1, :]  # [Kg]
     exponent = b if reverse else b_end[None, :] - b
-    carry = jnp.exp(b_end)
-    if d_ref is None:
-      weight = jnp.exp(exponent)
-    else:  # Rows of the document that reads (backward) or writes (forward) the state at the chunk's edge.
-      d, d_end = d_ref[rows, :], d_ref[start + chunk - 1, :]
-      weight = _tile.masked_exp(d == 0 if reverse else d == d_end[None, :], exponent)
-      carry = jnp.where(d_end == 0, carry, 0.0)
-    x = x_ref[rows, :].astype(_tile.F32) * (factor * weight)
+    mask = d_next = None
+    if d is not None:  # Rows of the document that reads (backward) or writes (forward) the edge's state.
+      # The next chunk's documents are loaded one step ahead: the loop's pipelining leaves this load out, and
+      # waiting for it cost ~0.4 us per chunk on an H100.
+      d_next = d_ref[pl.ds(start_of(chunk_of(jnp.minimum(step + 1, n_chunks - 1))), chunk), :]
+      d_end = jnp.max(d)  # Documents only count up within a chunk.
+      mask = d == 0 if reverse else d == d_end
+    x = x_ref[rows, :].astype(_tile.F32) * (factor * _tile.masked_exp(mask, exponent))
     update = _tile.dot(x, y_ref[rows, :], dtype, trans_a=True)
-    return carry[:, None] * state + update
+    decay = jnp.exp(b_end) if d is None else jnp.where(d_end == 0, jnp.exp(b_end), 0.0)
+    return decay[:, None] * state + update, d_next
 
-  final_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
+  first_docs = None if d_ref is None else d_ref[pl.ds(start_of(chunk_of(0)), chunk), :]
+  final_ref[...], _ = lax.fori_loop(0, n_chunks, body, (s0_ref[...], first_docs))
 
 
 def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, chunk: int, reverse: bool,

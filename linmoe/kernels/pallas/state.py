@@ -56,7 +56,7 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, c
     decay = jnp.exp(b_end) if d is None else jnp.where(d_end == 0, jnp.exp(b_end), 0.0)
     return decay[:, None] * state + update, d_next
 
-  first_docs = None if d_ref is None else d_ref[pl.ds(start_of(chunk_of(0)), chunk), :]
+  first_docs = None if d_ref is None else d_ref[pl.ds(chunk_of(0) * chunk, chunk), :]
   final_ref[...], _ = lax.fori_loop(0, n_chunks, body, (s0_ref[...], first_docs))
 
 

@@ -75,10 +75,11 @@ class DecayCarry:
     cum = jnp.cumsum(g, axis=1)
     read = cum - g if self.reads_before_update else cum
     scale = default_scale(op_kwargs.get("scale"), q.shape[-1])
-    continues = segments.continues(segment_ids)
-    in_first = None if continues is None else jnp.cumprod(continues, axis=1).astype(bool)  # [batch, seq]
-    transition = segments.keep(None if continues is None else in_first[:, -1], jnp.exp(cum[:, -1]))
-    return Local(o, state, transition, (segments.keep(in_first, scale * q.astype(STATE_DTYPE)), read))
+    transition, reader_q = jnp.exp(cum[:, -1]), scale * q.astype(STATE_DTYPE)
+    if segment_ids is not None:  # only the first document reads P; only a shard without a boundary passes it
+      in_first = jnp.cumprod(segments.continues(segment_ids), axis=1).astype(bool)  # [batch, seq]
+      transition, reader_q = segments.keep(in_first[:, -1], transition), segments.keep(in_first, reader_q)
+    return Local(o, state, transition, (reader_q, read))
 
   def advance(self, transition: jax.Array, state: jax.Array) -> jax.Array:
     return transition * state

@@ -21,10 +21,10 @@ import pytest
 
 from linmoe.config import ConfigError, ModelConfig, default_config, validate
 from linmoe.layers import LSM_LAYERS
-from linmoe.layers.based import Based
 from linmoe.layers.common import rms_norm
 from linmoe.model import LinearMoELM, init_params
 from linmoe.steps import cross_entropy
+from tests.test_layers_extra import WindowedBased
 
 VOCAB, SEQ, CHUNK = 64, 40, 16
 LENGTHS = (10, 6, 1, 23)  # starts at 0, 10, 16 (a chunk edge), 17
@@ -32,10 +32,6 @@ FIRST_DOC_VOCAB = 16  # the first document's tokens are below this id, the other
 TOL = 1e-5
 # Every instance with token mixing outside its recurrence (MoM over gated_deltanet: convs and routing).
 MIXING = ("rwkv6", "rwkv7", "mamba", "mamba2", "gsa", "ttt", "titans", "deltanet", "gated_deltanet", "mom")
-
-
-class WindowedBased(Based):
-  window = 4
 
 
 def _config(lsm: str, pattern: str, impl: str) -> ModelConfig:

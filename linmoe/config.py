@@ -93,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.tokenizer = "byte"  # "byte", "qwen2" or the path of a Hugging Face tokenizer.json
   d.eval_fraction = 0.02  # share of documents held out for evaluation
   d.loader = "index"  # "index" (batch = pure function of (seed, step)) or "grain" (Grain iterator)
+  d.reset_at_doc_boundary = True  # keep packed documents apart in every layer (the batch's segment_ids)
 
   c.mesh = ms = ml_collections.ConfigDict()
   for axis in MESH_AXES:
@@ -246,6 +247,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _check_choice(config, "data.loader", LOADERS)
   if config.data.source != "files" and not config.data.source.startswith("tfds:"):
     _fail("data.source", config.data.source, "must be 'files' or 'tfds:<name>[:<config>]'")
+  if not isinstance(config.data.reset_at_doc_boundary, bool):
+    _fail("data.reset_at_doc_boundary", config.data.reset_at_doc_boundary, "must be True or False")
   if not 0 < config.data.eval_fraction < 1:
     _fail("data.eval_fraction", config.data.eval_fraction, "must be in (0, 1)")
   sizes = {axis: config.mesh[axis] for axis in MESH_AXES}

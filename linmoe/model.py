@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.config import ModelConfig
+from linmoe.kernels import segments
 from linmoe.layers import LSM_LAYERS
 from linmoe.layers.attention import CausalAttention
 from linmoe.layers.common import EMBED_INIT_STD, compute_dtype, rms_norm
@@ -24,10 +25,11 @@ class Block(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+    """segment_ids [batch, seq] int32 | None: the document of each token (only the mixer mixes tokens)."""
     mixer_cls = LSM_LAYERS[self.cfg.lsm] if self.kind == "L" else CausalAttention
     mixer = mixer_cls(self.cfg, self.layer_idx, self.mode, self.cache_len, name="mixer")
-    x = x + mixer(rms_norm(self.cfg, "mixer_norm")(x))
+    x = x + mixer(rms_norm(self.cfg, "mixer_norm")(x), segment_ids)
     h = rms_norm(self.cfg, "ffn_norm")(x)
     if uses_moe(self.cfg):
       y, aux = MoE(self.cfg, training=self.mode == "train", name="moe")(h)
@@ -56,7 +58,8 @@ def stack_aux(auxes: list[dict]) -> dict:
 
 class Unit(nn.Module):
   """One repeat of `model.pattern` (e.g. LLLN), the body of the scanned layer stack:
-  [batch, seq, d_model] -> (same, aux stacked over the unit's blocks).
+  [batch, seq, d_model] and segment_ids [batch, seq] | None (the same in every repeat) -> (x, aux stacked
+  over the unit's blocks).
 
   The scanned blocks get `layer_idx` = their position in the unit; `validate` refuses `scan_layers`
   for the LSMs whose layers depend on their depth (linmoe.layers.DEPTH_DEPENDENT_LSMS)."""
@@ -65,10 +68,11 @@ class Unit(nn.Module):
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, _=None) -> tuple[jnp.ndarray, dict]:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
     auxes = []
     for j, kind in enumerate(self.cfg.pattern):
-      x, aux = block_class(self.cfg)(self.cfg, kind, j, self.mode, self.cache_len, name=f"block_{j}")(x)
+      block = block_class(self.cfg)(self.cfg, kind, j, self.mode, self.cache_len, name=f"block_{j}")
+      x, aux = block(x, segment_ids)
       x = constrain(x)
       auxes.append(aux)
     return x, stack_aux(auxes)
@@ -76,6 +80,10 @@ class Unit(nn.Module):
 
 class LinearMoELM(nn.Module):
   """tokens [batch, seq] int32 -> (logits [batch, seq, vocab] float32, aux losses averaged over layers).
+
+  `segment_ids` [batch, seq] int32 | None numbers the packed documents of each row (a new document where
+  the id changes, linmoe/kernels/segments.py): no layer lets information cross a document boundary, so
+  each document's logits are those of the document alone. None: one document per row (decoding).
 
   `mode` and `cache_len` select training, prefill or one-token decoding (linmoe/decode.py). With
   `model.scan_layers` the whole repeats of the pattern run as one `nn.scan` over a `Unit` (parameters
@@ -85,9 +93,10 @@ class LinearMoELM(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jnp.ndarray, mode: str = "train",
-               cache_len: int = 0) -> tuple[jnp.ndarray, dict]:
+  def __call__(self, tokens: jnp.ndarray, mode: str = "train", cache_len: int = 0,
+               segment_ids: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
     cfg = self.cfg
+    segments.check(segment_ids, *tokens.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model,
                      embedding_init=logical(nn.initializers.normal(EMBED_INIT_STD), "vocab", "embed"),
                      name="embed")
@@ -96,12 +105,14 @@ class LinearMoELM(nn.Module):
     if cfg.scan_layers:
       repeats = cfg.n_layers // len(cfg.pattern)
       scanned = nn.scan(Unit, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                        length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, aux = scanned(cfg, mode, cache_len, name="layers")(x, None)
+                        in_axes=nn.broadcast, length=repeats,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, aux = scanned(cfg, mode, cache_len, name="layers")(x, segment_ids)
       aux_stacks.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux))  # [repeats * unit]
       first_unrolled = repeats * len(cfg.pattern)
     for i in range(first_unrolled, cfg.n_layers):
-      x, aux = block_class(cfg)(cfg, cfg.layer_kinds[i], i, mode, cache_len, name=f"block_{i}")(x)
+      x, aux = block_class(cfg)(cfg, cfg.layer_kinds[i], i, mode, cache_len, name=f"block_{i}")(
+          x, segment_ids)
       x = constrain(x)
       aux_stacks.append(stack_aux([aux]))
     x = rms_norm(cfg, "final_norm")(x)

@@ -24,9 +24,17 @@ def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def loss_fn(params, model: nn.Module, cfg: ModelConfig, batch: dict) -> tuple[jnp.ndarray, dict]:
+def document_ids(batch: dict, reset_at_doc_boundary: bool) -> jnp.ndarray | None:
+  """The batch's "segment_ids" [batch, seq] for the model when documents are kept apart, else None (as
+  for a batch without them: one document per row)."""
+  return batch.get("segment_ids") if reset_at_doc_boundary else None
+
+
+def loss_fn(params, model: nn.Module, cfg: ModelConfig, batch: dict,
+            reset_at_doc_boundary: bool = True) -> tuple[jnp.ndarray, dict]:
   """Language-model loss plus the weighted MoE router losses; returns (total, metrics)."""
-  logits, aux = model.apply({"params": params}, batch["inputs"])
+  logits, aux = model.apply({"params": params}, batch["inputs"],
+                            segment_ids=document_ids(batch, reset_at_doc_boundary))
   loss = jnp.mean(cross_entropy(logits, batch["targets"]))
   total = loss
   if uses_moe(cfg):
@@ -36,11 +44,13 @@ def loss_fn(params, model: nn.Module, cfg: ModelConfig, batch: dict) -> tuple[jn
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, cfg: ModelConfig,
-               tx: optax.GradientTransformation, schedule: optax.Schedule
-               ) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               reset_at_doc_boundary: bool = True) -> tuple[TrainState, dict]:
   """One optimizer step. A non-finite loss or gradient leaves params and optimizer state unchanged
-  and records the step in `nonfinite_step`, so the host can stop without a device sync every step."""
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, cfg, batch)
+  and records the step in `nonfinite_step`, so the host can stop without a device sync every step.
+  With `reset_at_doc_boundary` the model keeps the batch's documents (its "segment_ids") apart."""
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, cfg, batch,
+                                                                  reset_at_doc_boundary)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -53,8 +63,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, cfg: ModelCo
   return new_state, {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step)}
 
 
-def eval_step(params, batch: dict, *, model: nn.Module) -> dict:
-  """Summed token loss and token count of one batch."""
-  logits, _ = model.apply({"params": params}, batch["inputs"], mode="eval")
+def eval_step(params, batch: dict, *, model: nn.Module, reset_at_doc_boundary: bool = True) -> dict:
+  """Summed token loss and token count of one batch (documents kept apart as in `train_step`)."""
+  logits, _ = model.apply({"params": params}, batch["inputs"], mode="eval",
+                          segment_ids=document_ids(batch, reset_at_doc_boundary))
   losses = cross_entropy(logits, batch["targets"])
   return {"loss_sum": jnp.sum(losses), "tokens": jnp.asarray(losses.size, jnp.float32)}

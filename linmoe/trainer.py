@@ -54,13 +54,14 @@ class Trainer:
     self.state_shardings = rules.shardings(boxed, self.mesh)
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        nn.meta.unbox(boxed), self.state_shardings)
+    reset = config.data.reset_at_doc_boundary
     step_fn = functools.partial(train_step, model=self.model, cfg=self.model_cfg, tx=self.tx,
-                                schedule=learning_rate_schedule(config.train))
+                                schedule=learning_rate_schedule(config.train), reset_at_doc_boundary=reset)
     data_sharding, params_sharding = batch_sharding(self.mesh), self.state_shardings.params
     self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, data_sharding),
                                out_shardings=(self.state_shardings, replicated(self.mesh)),
                                donate_argnums=0)
-    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, reset_at_doc_boundary=reset),
                               in_shardings=(params_sharding, data_sharding),
                               out_shardings=replicated(self.mesh))
 

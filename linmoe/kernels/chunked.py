@@ -74,7 +74,9 @@ def _intra_scores_vector(q: jax.Array, k: jax.Array, b: jax.Array, sub_chunk_siz
   n_sub = chunk_size // sub_chunk_size
   q, k, b = (x.reshape(n_chunks, n_sub, sub_chunk_size, *x.shape[2:]) for x in (q, k, b))
   b_end = b[:, :, -1]  # [N, P, H, K]
-  b_ref = jnp.concatenate([jnp.zeros_like(b_end[:, :1]), b_end[:, :-1]], axis=1)
+  # The scores do not depend on b_ref (it cancels), so neither does their gradient: stopping it keeps
+  # fp32 rounding from reaching b_ref's tokens (another document's, with segment ids).
+  b_ref = jax.lax.stop_gradient(jnp.concatenate([jnp.zeros_like(b_end[:, :1]), b_end[:, :-1]], axis=1))
 
   # Sub-chunk pairs (p, r) with r < p.
   earlier = jnp.tril(jnp.ones((n_sub, n_sub), bool), k=-1)[:, :, None, None, None]
@@ -160,7 +162,7 @@ def chunked_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *
 
   q_c, k_c, v_c, g_c = (common.to_chunks(x, chunk_size) for x in (q, k, v, g))
   g_c = jnp.maximum(g_c.astype(common.STATE_DTYPE), LOG_DECAY_FLOOR)
-  b = jnp.cumsum(g_c, axis=2)  # [B, N, C, H, Kg]
+  b = segments.chunk_cumsum(g_c, masks)  # [B, N, C, H, Kg]
   b_last = b[:, :, -1]  # [B, N, H, Kg]
 
   # The intra part treats every chunk of every sequence alike: one flat chunk axis keeps the arrays' rank

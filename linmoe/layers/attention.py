@@ -8,9 +8,20 @@ from linmoe.layers.mixer import Mixer, cache_variable
 from linmoe.parallel import sequence
 
 
-def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-  """Causal softmax attention over [batch, seq, heads, head_dim]: cuDNN flash attention on a GPU for
-  bf16/fp16 and head dims it takes (multiples of 8 up to 128), else XLA's (which forms the scores)."""
+def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                     segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Causal softmax attention over [batch, seq, heads, head_dim], within each document of segment_ids
+  [batch, seq] | None.
+
+  Without segment ids: cuDNN flash attention on a GPU for bf16/fp16 and head dims it takes (multiples
+  of 8 up to 128), else XLA's (which forms the scores). With them: XLA's with the mask causal AND same
+  document, exact. `jax.nn.dot_product_attention` (JAX 0.10 / 0.11) has no segment argument: its cuDNN
+  path turns a `mask` into a dense [batch, 1, seq, seq] additive bias, and cuDNN's packed-sequence
+  offsets are only in JAX's private API, so neither is used until measured on the GPU.
+  """
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [batch, 1, seq, seq]
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
   head_dim = q.shape[-1]
   flash = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
            and head_dim % 8 == 0 and head_dim <= 128)
@@ -24,11 +35,12 @@ class CausalAttention(Mixer):
   With the sequence split over the mesh ("train", "eval"), each shard's queries attend to the keys and
   values gathered from all shards (LASP-2H). In "prefill" the keys and values go to a cache of
   `cache_len` positions; in "decode" the token attends to the cached positions before it and its own.
-  Tokens past the cache give NaN outputs.
+  Tokens past the cache give NaN outputs. `segment_ids` [batch, seq] | None keeps each query to the keys
+  of its document ("train" and "eval"; None in "prefill" and "decode": one document per row).
   """
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     cfg = self.cfg
     batch, seq = x.shape[:2]
     offset = self.position_offset(seq)
@@ -36,9 +48,11 @@ class CausalAttention(Mixer):
     k = rotary(head_projection(cfg, "k_proj")(x), cfg.rope_theta, offset)
     v = head_projection(cfg, "v_proj")(x)
     if sequence.is_split(self.mode):  # LASP-2H
-      return output_projection(cfg)(sequence.gathered_attention(q, k, v))
+      return output_projection(cfg)(sequence.gathered_attention(q, k, v, segment_ids))
     if self.mode in ("train", "eval"):
-      return output_projection(cfg)(causal_attention(q, k, v))
+      return output_projection(cfg)(causal_attention(q, k, v, segment_ids))
+    if segment_ids is not None:
+      raise ValueError(f"{self.mode} takes one document per row: segment_ids must be None")
     if not self.decoding and self.cache_len < seq:
       raise ValueError(f"cache_len {self.cache_len} cannot hold a prompt of {seq} tokens")
     empty = lambda: jnp.zeros((batch, self.cache_len, *k.shape[2:]), k.dtype)

@@ -25,16 +25,17 @@ class Based(FeatureMapAttention):
   def feature_maps(self, q, k):
     return taylor_exp(q), taylor_exp(k)
 
-  def output(self, o, x):
+  def output(self, o, x, segment_ids=None):
     o = self.normalize(o)
     if self.window:
-      o = o + self.local_attention(x)
+      o = o + self.local_attention(x, segment_ids)
     return output_projection(self.cfg)(o)
 
-  def local_attention(self, x):
-    """Sliding-window softmax attention over x [batch, seq, d_model] -> [batch, seq, heads, head_dim]."""
+  def local_attention(self, x, segment_ids):
+    """Sliding-window softmax attention over x [batch, seq, d_model] -> [batch, seq, heads, head_dim],
+    within each document of segment_ids [batch, seq] | None."""
     cfg = self.cfg
     q, k, v = (head_projection(cfg, f"window_{n}_proj")(x) for n in ("q", "k", "v"))
     offset = self.position_offset(x.shape[1])
     q, k = (rotary(t, cfg.rope_theta, offset) for t in (q, k))
-    return SlidingWindowAttention(self.mode, self.window, name="window")(q, k, v, offset)
+    return SlidingWindowAttention(self.mode, self.window, name="window")(q, k, v, offset, segment_ids)

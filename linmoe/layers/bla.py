@@ -16,6 +16,6 @@ def elu_plus_one(x: jnp.ndarray) -> jnp.ndarray:
 class BasicLinearAttention(LSMLayer):
   family = "simple_gla"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     q, k, v = self.qkv(x)
     return elu_plus_one(q), elu_plus_one(k), v, None

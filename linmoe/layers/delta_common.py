@@ -30,9 +30,11 @@ def head_scalars(cfg: ModelConfig, name: str, use_bias: bool = False,
                          name=name)
 
 
-def conv_qkv(layer: LSMLayer, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """DeltaNet's q, k, v: [batch, seq, d_model] -> 3 x [batch, seq, heads, head_dim], q and k unit norm."""
-  q, k, v = (layer.short_conv(t, f"{n}_conv") for n, t in zip("qkv", layer.qkv(x)))
+def conv_qkv(layer: LSMLayer, x: jnp.ndarray,
+             segment_ids: jnp.ndarray | None) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """DeltaNet's q, k, v: [batch, seq, d_model] -> 3 x [batch, seq, heads, head_dim], q and k unit norm
+  (the convolutions read no other document of segment_ids [batch, seq] | None)."""
+  q, k, v = (layer.short_conv(t, segment_ids, f"{n}_conv") for n, t in zip("qkv", layer.qkv(x)))
   return l2_normalize(q), l2_normalize(k), v
 
 

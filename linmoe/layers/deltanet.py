@@ -12,6 +12,6 @@ from linmoe.layers.lsm import LSMLayer
 class DeltaNet(LSMLayer):
   family = "delta_rule"
 
-  def features(self, x):
-    q, k, v = conv_qkv(self, x)
+  def features(self, x, segment_ids):
+    q, k, v = conv_qkv(self, x, segment_ids)
     return q, k, v, sigmoid_gate(self, x), None

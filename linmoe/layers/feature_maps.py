@@ -60,7 +60,7 @@ class FeatureMapAttention(LSMLayer):
     """[batch, seq, heads, feature_dim] each -> phi(q), phi(k) [batch, seq, heads, n_features]."""
     raise NotImplementedError
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     cfg = self.cfg
     q, k = (head_projection(cfg, f"{n}_proj", self.feature_dim)(x) for n in ("q", "k"))
     v = head_projection(cfg, "v_proj")(x)
@@ -73,6 +73,6 @@ class FeatureMapAttention(LSMLayer):
     o32 = o.astype(jnp.float32)
     return (o32[..., :-1] / (o32[..., -1:] + self.eps)).astype(o.dtype)
 
-  def output(self, o, x):
+  def output(self, o, x, segment_ids=None):
     """The normalized output projected to d_model (no norm or gate, as in the papers)."""
     return output_projection(self.cfg)(self.normalize(o))

@@ -19,8 +19,8 @@ class GatedDeltaNet(LSMLayer):
   family = "delta_rule"
   output_gate = "silu"
 
-  def features(self, x):
-    q, k, v = conv_qkv(self, x)
+  def features(self, x, segment_ids):
+    q, k, v = conv_qkv(self, x, segment_ids)
     heads = self.cfg.n_heads
     dt = jax.nn.softplus(head_scalars(self.cfg, "a_proj")(x).astype(jnp.float32)
                          + self.param("dt_bias", logical(dt_bias_init, "heads"), (heads,)))

@@ -17,7 +17,7 @@ class GateLoop(LSMLayer):
   family = "gla"
   output_gate = "silu"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     q, k, v = self.qkv(x)
     transition = head_projection(self.cfg, "a_proj", use_bias=True)(x)
     return q, k, v, jax.nn.log_sigmoid(transition.astype(jnp.float32))

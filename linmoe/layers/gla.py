@@ -18,7 +18,7 @@ class GatedLinearAttention(LSMLayer):
   family = "gla"
   output_gate = "silu"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     q, k, v = self.qkv(x)
     low_rank = nn.Dense(GATE_RANK, use_bias=False, dtype=compute_dtype(self.cfg),
                         kernel_init=dense_init("embed", "lora"), name="gk_down")(x)

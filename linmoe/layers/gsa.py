@@ -51,14 +51,14 @@ class GatedSlotAttention(LSMLayer):
   family = "gla"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None):
     cfg = self.cfg
     q, k, v = (jax.nn.silu(t) for t in self.qkv(x))
     gate_logits = head_projection(cfg, "f_proj", NUM_SLOTS)(x).astype(jnp.float32)
     log_forget = jax.nn.log_sigmoid(gate_logits) / GATE_LOGIT_NORMALIZER  # [B, T, H, slots]
     written = -jnp.expm1(log_forget)  # 1 - alpha
-    scores = self.recurrence(per_slot_heads(unit_scale(q), k, written, log_forget), family="simple_gla",
-                             name="slot_keys")  # K_t q_t: [B, T, H * slots, 1]
+    scores = self.recurrence(per_slot_heads(unit_scale(q), k, written, log_forget), segment_ids,
+                             family="simple_gla", name="slot_keys")  # K_t q_t: [B, T, H * slots, 1]
     weights = jax.nn.softmax(scores.reshape(log_forget.shape), axis=-1)  # over slots
-    o = self.recurrence((unit_scale(weights), written, v, log_forget), name="slot_values")
+    o = self.recurrence((unit_scale(weights), written, v, log_forget), segment_ids, name="slot_values")
     return self.output(jax.nn.silu(o), x)

@@ -35,7 +35,7 @@ def lower_bounded_log_sigmoid(logits: jnp.ndarray, bound: float) -> jnp.ndarray:
 class HGRN2(LSMLayer):
   family = "gla"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     cfg = self.cfg
     q = jax.nn.silu(head_projection(cfg, "q_proj")(x))
     forget_logits = head_projection(cfg, "f_proj")(x).astype(jnp.float32)

@@ -27,7 +27,7 @@ class LightningAttention(LSMLayer):
   family = "simple_gla"
   output_gate = "sigmoid"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     q, k, v = (jax.nn.silu(t) for t in self.qkv(x))
     depth = 1.0 - self.layer_idx / max(self.cfg.n_layers - 1, 1) + 1e-5
     return q, k, v, per_head_log_decay(-alibi_slopes(self.cfg.n_heads) * depth, x)

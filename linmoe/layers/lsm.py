@@ -5,6 +5,10 @@ the input into the family op's per-token arguments (e.g. q, k, v and the log dec
 the op (the chunked form on sequences, the one-token step when decoding, with the memory kept in the
 cache), normalizes each head's output, applies the instance's optional output gate and projects back to
 d_model. Instances with other output paths override `output`.
+
+Packed documents: `segment_ids` [batch, seq] int32 (linmoe/kernels/segments.py) reach the family op, LASP-2,
+the short convolutions and every other place an instance reads earlier tokens, so that no information
+crosses a document boundary; None means one document per row (and is what decoding passes).
 """
 import dataclasses
 from typing import Callable, ClassVar
@@ -57,23 +61,26 @@ class LSMLayer(Mixer):
   family: ClassVar[str]  # a key of FAMILIES
   output_gate: ClassVar[str | None] = None  # a key of OUTPUT_GATES, or no gate
 
-  def features(self, x: jnp.ndarray) -> tuple[jnp.ndarray | None, ...]:
+  def features(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None) -> tuple[jnp.ndarray | None, ...]:
     """The family op's per-token inputs, e.g. (q, k, v, g) with q, k [batch, seq, heads, dk],
     v [batch, seq, heads, dv] and g [batch, seq, heads] (simple_gla), [batch, seq, heads, dk] (gla)
-    or None."""
+    or None. `segment_ids` [batch, seq] | None is for the features that read earlier tokens."""
     raise NotImplementedError
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, memory_mask: jnp.ndarray | None = None) -> jnp.ndarray:
-    """`memory_mask` [batch, seq] (1 = update): where 0 the memory neither decays nor updates."""
-    inputs = self.features(x)
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None,
+               memory_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x [batch, seq, d_model]; `segment_ids` [batch, seq] int32 | None, the document of each token;
+    `memory_mask` [batch, seq] (1 = update): where 0 the memory neither decays nor updates."""
+    inputs = self.features(x, segment_ids)
     if memory_mask is not None:
       inputs = mask_updates(inputs, FAMILIES[self.family].gated_inputs, memory_mask)
-    return self.output(self.recurrence(inputs), x)
+    return self.output(self.recurrence(inputs, segment_ids), x, segment_ids)
 
-  def recurrence(self, inputs: tuple[jnp.ndarray | None, ...], family: str | None = None,
-                 name: str = "memory") -> jnp.ndarray:
-    """Runs the family op on [batch, seq, ...] inputs; returns o [batch, seq, heads, dv].
+  def recurrence(self, inputs: tuple[jnp.ndarray | None, ...], segment_ids: jnp.ndarray | None,
+                 family: str | None = None, name: str = "memory") -> jnp.ndarray:
+    """Runs the family op on [batch, seq, ...] inputs, the memory restarting at every new document of
+    segment_ids [batch, seq] | None; returns o [batch, seq, heads, dv].
 
     Outside training the final memory [batch, heads, dk, dv] (fp32) is kept in the cache as `name`;
     in training with the sequence split over the mesh, LASP-2 runs the op.
@@ -83,19 +90,23 @@ class LSMLayer(Mixer):
     shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
     memory = cache_variable(self, self.mode, name, lambda: family.zero_state(shape))
     if self.decoding:
+      if segment_ids is not None:
+        raise ValueError("decoding takes one document per row: segment_ids must be None")
       o, state = family.step(*(a if a is None else a[:, 0] for a in inputs), memory.value)
       o = o[:, None]
     elif sequence.is_split(self.mode):
-      o, state = lasp2(family.sequence, family.carry, inputs, impl=self.cfg.kernel_impl,
-                       chunk_size=self.cfg.chunk_size)
+      o, state = lasp2(family.sequence, family.carry, inputs, segment_ids=segment_ids,
+                       impl=self.cfg.kernel_impl, chunk_size=self.cfg.chunk_size)
     else:
-      o, state = family.sequence(*inputs, impl=self.cfg.kernel_impl, chunk_size=self.cfg.chunk_size)
+      o, state = family.sequence(*inputs, segment_ids=segment_ids, impl=self.cfg.kernel_impl,
+                                 chunk_size=self.cfg.chunk_size)
     if memory is not None:
       memory.value = state
     return o
 
-  def output(self, o: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-    """Per-head RMSNorm, optional output gate from x, projection to d_model."""
+  def output(self, o: jnp.ndarray, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Per-head RMSNorm, optional output gate from x, projection to d_model (segment_ids: for outputs
+    that read earlier tokens)."""
     o = rms_norm(self.cfg, "o_norm")(o)
     if self.output_gate is not None:
       o = o * OUTPUT_GATES[self.output_gate](head_projection(self.cfg, "gate_proj")(x))
@@ -105,10 +116,11 @@ class LSMLayer(Mixer):
     """Plain per-head projections q, k, v: [batch, seq, heads, head_dim] each."""
     return tuple(head_projection(self.cfg, f"{n}_proj")(x) for n in ("q", "k", "v"))
 
-  def short_conv(self, x: jnp.ndarray, name: str, **kwargs) -> jnp.ndarray:
-    """A causal short convolution over [batch, seq, heads, dim] (or [batch, seq, channels])."""
+  def short_conv(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None, name: str, **kwargs) -> jnp.ndarray:
+    """A causal short convolution over [batch, seq, heads, dim] (or [batch, seq, channels]) that reads
+    no token of another document (segment_ids [batch, seq] | None)."""
     flat = x.reshape(*x.shape[:2], -1)
-    return ShortConv(mode=self.mode, name=name, **kwargs)(flat).reshape(x.shape)
+    return ShortConv(mode=self.mode, name=name, **kwargs)(flat, segment_ids).reshape(x.shape)
 
 
 def mask_updates(inputs: tuple[jnp.ndarray | None, ...], gated: tuple[int, ...],

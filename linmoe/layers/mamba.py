@@ -34,12 +34,12 @@ class Mamba(DiagonalSSMLayer):
   skip_init = staticmethod(nn.initializers.ones)
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     d_inner, dtype = EXPAND * self.cfg.d_model, compute_dtype(self.cfg)
     dt_rank = math.ceil(self.cfg.d_model / 16)
     x, z = jnp.split(nn.Dense(2 * d_inner, use_bias=False, dtype=dtype,
                                      kernel_init=dense_init("embed", "mlp"), name="in_proj")(x), 2, axis=-1)
-    x = self.short_conv(x, "conv", width=CONV_WIDTH)
+    x = self.short_conv(x, segment_ids, "conv", width=CONV_WIDTH)
     dt, b, c = jnp.split(nn.Dense(dt_rank + 2 * self.state_size, use_bias=False, dtype=dtype,
                                   kernel_init=dense_init("mlp", "lora"), name="x_proj")(x),
                          [dt_rank, dt_rank + self.state_size], axis=-1)
@@ -49,6 +49,6 @@ class Mamba(DiagonalSSMLayer):
                                       "lora", "mlp"),
                   bias_init=logical(dt_bias_init, "mlp"))(dt)
     dt = jax.nn.softplus(dt.astype(jnp.float32))
-    y = self.ssm(x, dt, b, c) * jax.nn.silu(z.astype(jnp.float32))
+    y = self.ssm(x, dt, b, c, segment_ids) * jax.nn.silu(z.astype(jnp.float32))
     return nn.Dense(self.cfg.d_model, use_bias=False, dtype=dtype, kernel_init=dense_init("mlp", "embed"),
                     name="out_proj")(y.astype(dtype))

@@ -34,12 +34,12 @@ class Mamba2(LSMLayer):
   family = "simple_gla"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, segment_ids=None):
     cfg = self.cfg
     heads, head_dim = cfg.n_heads, EXPAND * cfg.head_dim
     xbc = nn.Dense(heads * head_dim + 2 * STATE_DIM, use_bias=False, dtype=compute_dtype(cfg),
                    kernel_init=dense_init("embed", "mlp"), name="xbc_proj")(x)
-    xbc = self.short_conv(xbc, "conv", width=CONV_WIDTH)
+    xbc = self.short_conv(xbc, segment_ids, "conv", width=CONV_WIDTH)
     xs, b, c = jnp.split(xbc, [heads * head_dim, heads * head_dim + STATE_DIM], axis=-1)
     xs = xs.reshape(*xs.shape[:2], heads, head_dim)  # [B, T, H, P]
     b, c = (jnp.broadcast_to(t[:, :, None], (*t.shape[:2], heads, STATE_DIM)) for t in (b, c))
@@ -48,11 +48,11 @@ class Mamba2(LSMLayer):
                                   kernel_init=dense_init("embed", "heads"), name="dt_proj")(x)
                          .astype(jnp.float32) + dt_bias)  # [B, T, H]
     log_decay = -jnp.exp(self.param("A_log", logical(a_log_init, "heads"), (heads,))) * dt
-    y = self.recurrence((unit_scale(c), b, (xs * dt[..., None]).astype(xs.dtype), log_decay))
+    y = self.recurrence((unit_scale(c), b, (xs * dt[..., None]).astype(xs.dtype), log_decay), segment_ids)
     skip = self.param("D", ones_init("heads"), (heads,))
     return self.output(y + (skip[:, None] * xs).astype(y.dtype), x)
 
-  def output(self, o, x):
+  def output(self, o, x, segment_ids=None):
     """Gated RMSNorm norm(o * SiLU(W_z x)) over all heads at once, then o_proj."""
     cfg = self.cfg
     z = head_projection(cfg, "z_proj", o.shape[-1])(x)

@@ -18,10 +18,11 @@ from linmoe.parallel.rules import dense_init
 
 
 class MixtureOfMemories(Mixer):
-  """[batch, seq, d_model] -> [batch, seq, d_model]."""
+  """[batch, seq, d_model] -> [batch, seq, d_model]; segment_ids [batch, seq] | None reach every memory
+  (the router reads one token at a time and needs none)."""
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     from linmoe.layers import LSM_LAYERS  # the registry imports this module
     mom = self.cfg.mom
     inner = LSM_LAYERS[mom.inner]
@@ -35,8 +36,8 @@ class MixtureOfMemories(Mixer):
     y = 0.0
     for m in range(mom.num_memories):
       routed = (per_memory[..., m] > 0).astype(jnp.float32)
-      out = inner(self.cfg, self.layer_idx, self.mode, name=f"memory_{m}")(x, memory_mask=routed)
+      out = inner(self.cfg, self.layer_idx, self.mode, name=f"memory_{m}")(x, segment_ids, memory_mask=routed)
       y = y + per_memory[..., m, None].astype(out.dtype) * out
     if mom.shared_memory:
-      y = y + inner(self.cfg, self.layer_idx, self.mode, name="shared_memory")(x)
+      y = y + inner(self.cfg, self.layer_idx, self.mode, name="shared_memory")(x, segment_ids)
     return y

@@ -18,7 +18,7 @@ class Retention(LSMLayer):
   family = "simple_gla"
   output_gate = "silu"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     q, k, v = self.qkv(x)
     theta, offset = self.cfg.rope_theta, self.position_offset(x.shape[1])
     return rotary(q, theta, offset), rotary(k, theta, offset), v, per_head_log_decay(

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from linmoe.kernels import segments
 from linmoe.layers.common import compute_dtype, head_projection, output_projection
 from linmoe.layers.feature_maps import unit_scale
 from linmoe.layers.lsm import LSMLayer
@@ -37,15 +38,16 @@ def uniform_init(limit: float) -> Callable:
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -limit, limit)
 
 
-def token_shift(layer: LSMLayer, x: jnp.ndarray) -> jnp.ndarray:
+def token_shift(layer: LSMLayer, x: jnp.ndarray, segment_ids: jnp.ndarray | None) -> jnp.ndarray:
   """x_{t-1} for every t, [batch, seq, d_model]: zeros before the first token in "train" and "prefill",
-  the cached last token in "decode"."""
+  the cached last token in "decode", and zeros at the first token of every document of segment_ids
+  [batch, seq] | None."""
   zeros = jnp.zeros_like(x[:, :1])
   cache = cache_variable(layer, layer.mode, "previous_token", lambda: zeros)
   previous = cache.value.astype(x.dtype) if layer.decoding else zeros
   if cache is not None:
     cache.value = x[:, -1:]
-  return jnp.concatenate([previous, x[:, :-1]], axis=1)
+  return segments.keep(segments.continues(segment_ids), jnp.concatenate([previous, x[:, :-1]], axis=1))
 
 
 class RWKV6(LSMLayer):
@@ -73,10 +75,10 @@ class RWKV6(LSMLayer):
       return fn(channel, channel / (channel.size - 1), self.depth_ratios()[0]).reshape(shape)
     return init
 
-  def ddlerp(self, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+  def ddlerp(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None) -> tuple[jnp.ndarray, ...]:
     """The five data-dependent interpolations x^c of x [batch, seq, d_model] with the previous token."""
     d_model = x.shape[-1]
-    dx = token_shift(self, x) - x
+    dx = token_shift(self, x, segment_ids) - x
     mu_x = self.param("mu_x", logical(self.mix_init(1.0, 0.0), "embed"), (d_model,))
     mu = jnp.stack([self.param(f"mu_{c}", logical(self.mix_init(*p), "embed"), (d_model,))
                     for c, p in MIX_INITS.items()])
@@ -98,13 +100,14 @@ class RWKV6(LSMLayer):
     return -jnp.exp(d.astype(jnp.float32))
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x_w, x_k, x_v, x_r, x_g = self.ddlerp(x)
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    x_w, x_k, x_v, x_r, x_g = self.ddlerp(x, segment_ids)
     r, k, v, gate = (head_projection(self.cfg, f"{c}_proj")(x_c)
                      for c, x_c in (("r", x_r), ("k", x_k), ("v", x_v), ("g", x_g)))
     bonus_init = self.channel_init(lambda n, pos, depth: depth * (1.0 - pos) + ((n + 1) % 3 - 1) * 0.1)
     bonus = self.param("bonus", logical(bonus_init, "heads", "head_dim"), r.shape[2:])
-    o = self.recurrence((unit_scale(r), k, v, self.log_decay(x_w), jnp.broadcast_to(bonus, r.shape)))
+    o = self.recurrence((unit_scale(r), k, v, self.log_decay(x_w), jnp.broadcast_to(bonus, r.shape)),
+                        segment_ids)
     o = nn.LayerNorm(epsilon=GROUP_NORM_EPS, reduction_axes=-1, feature_axes=(-2, -1),
                      scale_init=ones_init("heads", "head_dim"), bias_init=zeros_init("heads", "head_dim"),
                      dtype=compute_dtype(self.cfg), name="g_norm")(o)  # GroupNorm, one group per head

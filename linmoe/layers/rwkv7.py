@@ -62,9 +62,9 @@ class RWKV7(RWKV6):
     return up.reshape(*x.shape[:2], cfg.n_heads, cfg.head_dim)
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     cfg = self.cfg
-    dx = token_shift(self, x) - x
+    dx = token_shift(self, x, segment_ids) - x
     x_r, x_w, x_k, x_v, x_a, x_g = (
         x + dx * self.param(f"mu_{c}", logical(self.mix_init(p, 0.0), "embed"), (cfg.d_model,))
         for c, p in MIX_POWERS.items())
@@ -89,7 +89,7 @@ class RWKV7(RWKV6):
     r_k = self.param("r_k", logical(nn.initializers.constant(-0.04), "heads", "head_dim"), k.shape[2:])
     kappa = l2_normalize(k * k_k)
     k = k * (1.0 + (a - 1.0) * k_a)
-    o = self.recurrence((unit_scale(r), k, v, -kappa, kappa * a, log_w))
+    o = self.recurrence((unit_scale(r), k, v, -kappa, kappa * a, log_w), segment_ids)
 
     norm_weight = ((self.layer_idx + 1) / cfg.n_layers) ** 0.7
     o = nn.LayerNorm(epsilon=GROUP_NORM_EPS, reduction_axes=-1, feature_axes=(-2, -1),

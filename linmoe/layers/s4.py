@@ -30,14 +30,15 @@ class S4D(DiagonalSSMLayer):
   skip_init = staticmethod(nn.initializers.normal(1.0))
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     channels = x.shape[-1]
     shape = (channels, self.state_size)
     b = self.param("B", ones_init("mlp", "state"), shape)
     c = self.param("C", logical(nn.initializers.normal(1.0), "mlp", "state"), shape)
     log_dt = self.param("log_dt", logical(log_dt_init, "mlp"), (channels,))
     per_token = x.shape + (self.state_size,)
-    y = self.ssm(x, jnp.exp(log_dt), jnp.broadcast_to(b, per_token), jnp.broadcast_to(c, per_token))
+    y = self.ssm(x, jnp.exp(log_dt), jnp.broadcast_to(b, per_token), jnp.broadcast_to(c, per_token),
+                 segment_ids)
     y = jax.nn.gelu(y, approximate=False).astype(compute_dtype(self.cfg))
     out = nn.Dense(2 * channels, dtype=compute_dtype(self.cfg), kernel_init=dense_init("mlp", "embed"),
                    bias_init=zeros_init("embed"), name="out_proj")

@@ -43,7 +43,8 @@ class DiagonalSSMLayer(LSMLayer):
   state_size: ClassVar[int]  # N
   skip_init: ClassVar[Callable]  # initializer of D
 
-  def ssm(self, x: jnp.ndarray, dt: jnp.ndarray, b: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+  def ssm(self, x: jnp.ndarray, dt: jnp.ndarray, b: jnp.ndarray, c: jnp.ndarray,
+          segment_ids: jnp.ndarray | None) -> jnp.ndarray:
     """y = SSM(x) + D x, with A and D parameters of this layer.
 
     Args:
@@ -52,6 +53,7 @@ class DiagonalSSMLayer(LSMLayer):
       b, c: input and readout maps, either per channel [batch, seq, channels, state] (run with one head
         per channel and value_dim 1) or shared by all channels [batch, seq, state] (run as one head with
         key_dim = state and value_dim = channels).
+      segment_ids: [batch, seq] int32 | None, the document of each token (the state restarts at each).
 
     Returns:
       y [batch, seq, channels] fp32.
@@ -62,8 +64,9 @@ class DiagonalSSMLayer(LSMLayer):
     g = dt[..., None] * a  # [batch, seq, channels, state]
     v = dt * x
     if b.ndim == 4:
-      y = self.recurrence((unit_scale(c), b, v[..., None], g[..., None]))[..., 0]
+      y = self.recurrence((unit_scale(c), b, v[..., None], g[..., None]), segment_ids)[..., 0]
     else:
       g = jnp.swapaxes(g, -1, -2)[:, :, None]  # [batch, seq, 1, state, channels]
-      y = self.recurrence((unit_scale(c)[:, :, None], b[:, :, None], v[:, :, None], g))[:, :, 0]
+      y = self.recurrence((unit_scale(c)[:, :, None], b[:, :, None], v[:, :, None], g),
+                          segment_ids)[:, :, 0]
     return y + self.param("D", logical(self.skip_init, "mlp"), (channels,)) * x

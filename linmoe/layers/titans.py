@@ -26,8 +26,8 @@ class Titans(LSMLayer):
   family = "titans"
   output_gate = "silu"
 
-  def features(self, x):
-    q, k, v = conv_qkv(self, x)
+  def features(self, x, segment_ids):
+    q, k, v = conv_qkv(self, x, segment_ids)
     theta = sigmoid_gate(self, x, "lr_proj", use_bias=True)
     forget = head_scalars(self.cfg, "forget_proj", True, nn.initializers.constant(FORGET_BIAS_INIT))(x)
     momentum = head_scalars(self.cfg, "momentum_proj", use_bias=True)(x)

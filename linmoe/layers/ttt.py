@@ -22,8 +22,8 @@ class TTTLinear(LSMLayer):
   family = "delta_rule"
   output_gate = "gelu"
 
-  def features(self, x):
+  def features(self, x, segment_ids):
     qk = head_projection(self.cfg, "qk_proj")(x)
-    q, k = (l2_normalize(self.short_conv(qk, f"{n}_conv", activation=False)) for n in "qk")
+    q, k = (l2_normalize(self.short_conv(qk, segment_ids, f"{n}_conv", activation=False)) for n in "qk")
     v = head_projection(self.cfg, "v_proj")(x)
     return q, k, v, sigmoid_gate(self, x, "lr_proj", use_bias=True), None

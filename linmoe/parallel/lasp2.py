@@ -19,6 +19,13 @@ A family's `Carry` says how to form A and R:
   value columns independently, so the new columns of the final state are A and those of the output are
   R's query matrix Q_eff [batch, seq / S, heads, n * K], and o += Q_eff P. Cost: one op run on
   value_dim + n * K columns instead of value_dim.
+
+Packed documents (segment_ids [batch, seq]): each shard runs the op on its own ids, so its S_local is the
+state of its last document only; the prefix P_r reaches only the shard's first document (the one that may
+continue across the edge) and passes through the shard only if the shard has no boundary (A = 0
+otherwise). `DecayCarry` masks its reader and transition; `MatrixCarry` gets both from the op, whose
+initial state (the identity columns) belongs to the first document. A shard whose first token starts a
+document (a boundary on the shard edge) zeroes the prefix it receives.
 """
 import dataclasses
 from typing import Callable
@@ -26,6 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from linmoe.kernels import segments
 from linmoe.kernels.chunked import LOG_DECAY_FLOOR
 from linmoe.kernels.common import STATE_DTYPE, default_scale
 from linmoe.parallel import sequence
@@ -57,8 +65,8 @@ class DecayCarry:
   def unstack(self, state: jax.Array) -> jax.Array:
     return state
 
-  def run(self, op: Callable, inputs: tuple, op_kwargs: dict) -> Local:
-    o, state = op(*inputs, **op_kwargs)
+  def run(self, op: Callable, inputs: tuple, op_kwargs: dict, segment_ids: jax.Array | None) -> Local:
+    o, state = op(*inputs, segment_ids=segment_ids, **op_kwargs)
     q, g = inputs[_Q], inputs[self.g_index]
     if g is None:  # no decay
       g = jnp.zeros(q.shape[:3], STATE_DTYPE)
@@ -67,7 +75,11 @@ class DecayCarry:
     cum = jnp.cumsum(g, axis=1)
     read = cum - g if self.reads_before_update else cum
     scale = default_scale(op_kwargs.get("scale"), q.shape[-1])
-    return Local(o, state, jnp.exp(cum[:, -1]), (scale * q.astype(STATE_DTYPE), read))
+    transition, reader_q = jnp.exp(cum[:, -1]), scale * q.astype(STATE_DTYPE)
+    if segment_ids is not None:  # only the first document reads P; only a shard without a boundary passes it
+      in_first = jnp.cumprod(segments.continues(segment_ids), axis=1).astype(bool)  # [batch, seq]
+      transition, reader_q = segments.keep(in_first[:, -1], transition), segments.keep(in_first, reader_q)
+    return Local(o, state, transition, (reader_q, read))
 
   def advance(self, transition: jax.Array, state: jax.Array) -> jax.Array:
     return transition * state
@@ -103,7 +115,7 @@ class MatrixCarry:
   def unstack(self, state: jax.Array):
     return self.join(tuple(jnp.split(state, self.parts, axis=-2)))
 
-  def run(self, op: Callable, inputs: tuple, op_kwargs: dict) -> Local:
+  def run(self, op: Callable, inputs: tuple, op_kwargs: dict, segment_ids: jax.Array | None) -> Local:
     q, v = inputs[_Q], inputs[_V]
     (batch, seq, heads, key_dim), value_dim = q.shape, v.shape[-1]
     width = self.parts * key_dim
@@ -113,7 +125,7 @@ class MatrixCarry:
         jnp.broadcast_to(jnp.pad(eye[i * key_dim:(i + 1) * key_dim], [(0, 0), (value_dim, 0)]),
                          (batch, heads, key_dim, value_dim + width)) for i in range(self.parts))
     wide_inputs = inputs[:_V] + (wide_v,) + inputs[_V + 1:]
-    o, state = op(*wide_inputs, initial_state=self.join(initial), **op_kwargs)
+    o, state = op(*wide_inputs, initial_state=self.join(initial), segment_ids=segment_ids, **op_kwargs)
     state = jnp.concatenate(self.split(state), axis=-2)  # [batch, heads, width, value_dim + width]
     return Local(o[..., :value_dim], state[..., :value_dim], state[..., value_dim:],
                  (o[..., value_dim:],))
@@ -135,7 +147,7 @@ def _per_token(x, q: jax.Array) -> bool:
 
 
 def lasp2(op: Callable, carry: Carry, inputs: tuple, *, initial_state=None,
-          **op_kwargs) -> tuple[jax.Array, object]:
+          segment_ids: jax.Array | None = None, **op_kwargs) -> tuple[jax.Array, object]:
   """The family op `op(*inputs, initial_state=, **op_kwargs) -> (o, final_state)` over sequences split on
   the "sequence" mesh axis; same results as the op on whole sequences.
 
@@ -144,7 +156,9 @@ def lasp2(op: Callable, carry: Carry, inputs: tuple, *, initial_state=None,
     carry: the family's `DecayCarry` or `MatrixCarry`.
     inputs: the op's positional inputs: [batch, seq, ...] arrays (split over "sequence"), None, or
       arrays without a seq axis (e.g. gla_bonus's u [heads, key_dim]; every shard sees them whole).
-    initial_state: optional state at the start of the sequence, in the op's layout.
+    initial_state: optional state at the start of the sequence, in the op's layout (it belongs to the
+      first token's document).
+    segment_ids: [batch, seq] int32 | None, the document of each token (module docstring).
     op_kwargs: the op's keywords (scale, impl, chunk_size, ...).
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, split over "sequence"; the final state in the op's
@@ -154,11 +168,18 @@ def lasp2(op: Callable, carry: Carry, inputs: tuple, *, initial_state=None,
   sequence.check_divisible(q.shape[1])
   initial = carry.stack(initial_state, (q.shape[0], q.shape[2], q.shape[3], v.shape[3]))
 
-  def body(inputs, initial):
-    local = carry.run(op, inputs, op_kwargs)
+  ids = () if segment_ids is None else (segment_ids,)
+
+  def body(inputs, initial, ids):
+    shard_ids = ids[0] if ids else None
+    local = carry.run(op, inputs, op_kwargs, shard_ids)
     transitions, states = sequence.gather(local.transition), sequence.gather(local.state)  # [S, ...]
+    if ids:  # [S, batch]: shard s's first token continues the document of shard s - 1's last token
+      continues = sequence.gather(shard_ids[:, 0]) == jnp.roll(sequence.gather(shard_ids[:, -1]), 1, axis=0)
     prefixes, state = [], initial
     for s in range(sequence.shards()):
+      if ids and s > 0:
+        state = segments.keep(continues[s], state)
       prefixes.append(state)
       state = carry.advance(transitions[s], state) + states[s]
     prefix = jnp.stack(prefixes)[sequence.shard_index()]
@@ -166,7 +187,7 @@ def lasp2(op: Callable, carry: Carry, inputs: tuple, *, initial_state=None,
     return o.astype(v.dtype), state[None]  # every shard holds the final state; the last one's is kept
 
   specs = tuple(sequence.SPLIT if _per_token(x, q) else sequence.WHOLE for x in inputs)
-  o, finals = sequence.per_shard(body, (specs, sequence.WHOLE),
+  o, finals = sequence.per_shard(body, (specs, sequence.WHOLE, (sequence.SPLIT,) * len(ids)),
                                  (sequence.SPLIT, jax.sharding.PartitionSpec(sequence.AXIS)))(
-                                     inputs, initial)
+                                     inputs, initial, ids)
   return o, carry.unstack(finals[-1])

@@ -70,45 +70,53 @@ def left_context(x: jax.Array, width: int) -> jax.Array:
   return jax.lax.ppermute(x[:, x.shape[1] - width:], AXIS, [(r, r + 1) for r in range(n - 1)])
 
 
-def with_left_context(fn: Callable, x: jax.Array, width: int, split: tuple = (),
-                      whole: tuple = ()) -> jax.Array:
+def with_left_context(fn: Callable, x, width: int, split: tuple = (), whole: tuple = ()) -> jax.Array:
   """fn(concat(left context, x), start, *split, *whole) per shard, for causal maps that read `width`
   earlier tokens; start is `width` on the first shard (its context is zeros, not tokens), else 0.
 
   Args:
-    fn: maps [batch, width + seq / S, ...], start, the split args' shards and the whole args to
-      [batch, seq / S, ...].
-    x: [batch, seq, ...], split over "sequence".
+    fn: maps [batch, width + seq / S, ...] (a pytree of them when x is one), start, the split args'
+      shards and the whole args to [batch, seq / S, ...].
+    x: [batch, seq, ...], split over "sequence", or a pytree of such arrays (e.g. values and their
+      segment ids), each given its left context.
     width: tokens of left context each shard needs (<= seq / S).
     split: more [batch, seq, ...] arrays, split as x (no context).
     whole: arrays every shard sees whole (e.g. a kernel).
   Returns:
     [batch, seq, ...], split over "sequence".
   """
-  check_divisible(x.shape[1])
+  check_divisible(jax.tree.leaves(x)[0].shape[1])
 
   def body(x, split, whole):
     start = jnp.where(shard_index() == 0, width, 0)
-    return fn(jnp.concatenate([left_context(x, width), x], axis=1), start, *split, *whole)
+    full = jax.tree.map(lambda a: jnp.concatenate([left_context(a, width), a], axis=1), x)
+    return fn(full, start, *split, *whole)
 
-  specs = (SPLIT, (SPLIT,) * len(split), (WHOLE,) * len(whole))
+  specs = (jax.tree.map(lambda _: SPLIT, x), (SPLIT,) * len(split), (WHOLE,) * len(whole))
   return per_shard(body, specs, SPLIT)(x, tuple(split), tuple(whole))
 
 
-def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """LASP-2H causal softmax attention: each shard's queries against all keys and values, gathered once.
+def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                       segment_ids: jax.Array | None = None) -> jax.Array:
+  """LASP-2H causal softmax attention: each shard's queries against all keys and values (and their
+  segment ids), gathered once.
 
   Args:
     q, k, v: [batch, seq, heads, dim], split over "sequence" (positions already applied).
+    segment_ids: [batch, seq] int32 | None, split as q: a query sees only keys of its document.
   Returns:
     [batch, seq, heads, dim] in v's dtype, split over "sequence".
   """
   check_divisible(q.shape[1])
 
-  def body(q, k, v):
+  ids = () if segment_ids is None else (segment_ids,)
+
+  def body(q, k, v, ids):
     k, v = gather(k, axis=1), gather(v, axis=1)  # [batch, seq, heads, dim]
     query_pos = shard_index() * q.shape[1] + jnp.arange(q.shape[1])
-    causal = query_pos[:, None] >= jnp.arange(k.shape[1])[None, :]  # [seq / S, seq]
-    return jax.nn.dot_product_attention(q, k, v, mask=causal[None, None])
+    mask = (query_pos[:, None] >= jnp.arange(k.shape[1])[None, :])[None, None]  # [1, 1, seq / S, seq]
+    if ids:  # same document: [batch, 1, seq / S, seq]
+      mask = mask & (ids[0][:, None, :, None] == gather(ids[0], axis=1)[:, None, None, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
-  return per_shard(body, (SPLIT,) * 3, SPLIT)(q, k, v)
+  return per_shard(body, (SPLIT, SPLIT, SPLIT, (SPLIT,) * len(ids)), SPLIT)(q, k, v, ids)

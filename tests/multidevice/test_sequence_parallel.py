@@ -85,14 +85,15 @@ def _outputs_and_grads(fn, seed: int, *args):
   return out, vjp(cotangent)
 
 
-def assert_split_matches_whole(name: str, fn, args: tuple, mesh_name: str, expected=None, seed: int = 0):
+def assert_split_matches_whole(name: str, fn, args: tuple, mesh_name: str, expected=None, seed: int = 0,
+                               batch: int = BATCH):
   """fn's outputs and gradients with the [batch, SEQ, ...] args split over the mesh's "data" and
   "sequence" axes (the others whole) equal those on one device (`expected`, else computed here)."""
   run = jax.jit(functools.partial(_outputs_and_grads, fn, seed))
   if expected is None:
     expected = run(*args)
   mesh = make_mesh(mesh_name)
-  split = lambda x: x.ndim >= 3 and x.shape[:2] == (BATCH, SEQ)
+  split = lambda x: x.ndim >= 3 and x.shape[:2] == (batch, SEQ)
   place = lambda x: NamedSharding(mesh, P("data", "sequence") if split(x) else P())
   with jax.set_mesh(mesh):
     actual = jax.jit(run, in_shardings=jax.tree.map(place, args))(*args)

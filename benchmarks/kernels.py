@@ -7,7 +7,8 @@ under a random cotangent, every input's gradient). "pallas_packed" is "pallas" o
 documents: segment ids with a boundary at PACKED_DOC_LEN - 1 random tokens of every row on average (documents of
 random lengths, PACKED_DOC_LEN on average), to compare with the unpacked rows.
 flash-linear-attention runs in a PyTorch subprocess, started before JAX takes the GPU; cuDNN attention is
-`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
+`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`; with "pallas_packed" and "cudnn" both
+asked, attention on the packed rows too (`causal_attention` with segment ids: JAX's Pallas flash kernel).
 
   python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 20]
       [--families delta_rule,gated_delta_rule] [--breakdown 1x16384]
@@ -151,11 +152,13 @@ def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
 
 def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str], warmup: int,
               reps: int) -> list[dict]:
-  """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls`."""
+  """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls` (with
+  "pallas_packed" too: attention on the packed rows, `causal_attention` with segment ids)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
   from linmoe import kernels  # noqa: PLC0415
+  from linmoe.layers.attention import causal_attention  # noqa: PLC0415
 
   ops = {"simple_gla": kernels.simple_gla, "gla": kernels.gla, "delta_rule": kernels.delta_rule,
          "gated_delta_rule": kernels.delta_rule}
@@ -183,13 +186,17 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
         print(json.dumps(rows[-1]), flush=True)
     if "cudnn" not in impls:
       continue
-    attention = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
-    fwd = jax.jit(attention)
-    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attention, q, k, v)[1](do))
-    rows.append(_row("attention", "cudnn", batch, seq, _both(
-        lambda: _jax_median_ms(fwd, (q, k, v), warmup, reps),
-        lambda: _jax_median_ms(fwd_bwd, (q, k, v, do), warmup, reps))))
-    print(json.dumps(rows[-1]), flush=True)
+    attentions = {"cudnn": functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                             implementation="cudnn")}
+    if "pallas_packed" in impls:  # causal_attention with segment ids: JAX's Pallas flash kernel on a GPU
+      attentions["pallas_packed"] = functools.partial(causal_attention, **packed)
+    for impl, attention in attentions.items():
+      fwd = jax.jit(attention)
+      fwd_bwd = jax.jit(lambda q, k, v, do, attention=attention: jax.vjp(attention, q, k, v)[1](do))
+      rows.append(_row("attention", impl, batch, seq, _both(
+          lambda: _jax_median_ms(fwd, (q, k, v), warmup, reps),
+          lambda: _jax_median_ms(fwd_bwd, (q, k, v, do), warmup, reps))))
+      print(json.dumps(rows[-1]), flush=True)
   return rows
 
 

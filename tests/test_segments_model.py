@@ -129,3 +129,25 @@ def test_reset_at_doc_boundary_must_be_a_bool():
   config.data.reset_at_doc_boundary = None
   with pytest.raises(ConfigError, match="data.reset_at_doc_boundary"):
     validate(config, 1)
+
+
+def test_packed_flash_attention_matches_masked_attention():
+  """The GPU path of attention with segment ids (JAX's Pallas flash kernel, interpret mode here) equals
+  XLA's masked attention, outputs and gradients, at a length that needs padding to whole blocks."""
+  from linmoe.layers.attention import PACKED_FLASH_BLOCK, packed_flash_attention
+  seq = PACKED_FLASH_BLOCK + 3
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 1, seq, 2, 16))
+  ids = jnp.asarray(np.repeat(np.arange(4), [60, 1, 68, 2])[None], jnp.int32)
+
+  def masked(q, k, v):
+    same = ids[:, None, :, None] == ids[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
+
+  def flash(q, k, v):
+    return packed_flash_attention(q, k, v, ids, interpret=True)
+
+  cotangent = jax.random.normal(jax.random.key(1), q.shape)
+  outs = [jax.vjp(f, q, k, v) for f in (masked, flash)]
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=TOL)
+  for got, want in zip(outs[1][1](cotangent), outs[0][1](cotangent)):
+    np.testing.assert_allclose(got, want, atol=1e-4)

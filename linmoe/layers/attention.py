@@ -8,25 +8,48 @@ from linmoe.layers.mixer import Mixer, cache_variable
 from linmoe.parallel import sequence
 
 
+PACKED_FLASH_BLOCK = 128  # The sequence block of JAX's Pallas flash attention (`packed_flash_attention`).
+
+
 def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                      segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
   """Causal softmax attention over [batch, seq, heads, head_dim], within each document of segment_ids
   [batch, seq] | None.
 
   Without segment ids: cuDNN flash attention on a GPU for bf16/fp16 and head dims it takes (multiples
-  of 8 up to 128), else XLA's (which forms the scores). With them: XLA's with the mask causal AND same
-  document, exact. `jax.nn.dot_product_attention` (JAX 0.10 / 0.11) has no segment argument: its cuDNN
-  path turns a `mask` into a dense [batch, 1, seq, seq] additive bias, and cuDNN's packed-sequence
-  offsets are only in JAX's private API, so neither is used until measured on the GPU.
+  of 8 up to 128), else XLA's (which forms the scores). With them, on a GPU: `packed_flash_attention`;
+  elsewhere XLA's with the mask causal AND same document. `jax.nn.dot_product_attention` (JAX 0.10 /
+  0.11) has no segment argument: its cuDNN path turns a `mask` into a dense [batch, 1, seq, seq] bias.
   """
+  on_gpu = jax.default_backend() == "gpu"
   if segment_ids is not None:
+    if on_gpu:
+      return packed_flash_attention(q, k, v, segment_ids)
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [batch, 1, seq, seq]
     return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
   head_dim = q.shape[-1]
-  flash = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-           and head_dim % 8 == 0 and head_dim <= 128)
+  flash = on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
   return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                       implementation="cudnn" if flash else None)
+
+
+def packed_flash_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, segment_ids: jnp.ndarray,
+                           interpret: bool = False) -> jnp.ndarray:
+  """Causal attention within documents by JAX's Pallas (Triton) flash attention, which takes segment ids
+  and never forms the [seq, seq] scores; [batch, seq, heads, head_dim] -> same.
+
+  The kernel needs the sequence in whole blocks of PACKED_FLASH_BLOCK: the padding gets a segment id of
+  its own (one past the largest), so no real query sees a padded key, and the padded queries are dropped.
+  """
+  from jax.experimental.pallas.ops.gpu import attention as flash_attention  # pylint: disable=g-import-not-at-top
+  seq_len = q.shape[1]
+  pad = -seq_len % PACKED_FLASH_BLOCK
+  if pad:
+    q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
+    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, pad)], constant_values=jnp.max(segment_ids) + 1)
+  out = flash_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=q.shape[-1] ** -0.5,
+                            causal=True, interpret=interpret)
+  return out[:, :seq_len]
 
 
 class CausalAttention(Mixer):

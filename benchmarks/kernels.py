@@ -8,7 +8,10 @@ flash-linear-attention runs in a PyTorch subprocess, started before JAX takes th
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`.
 
   python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 20]
-      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384]
+      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384] [--packed]
+
+--packed adds a row per family and impl of ours on packed documents: segment ids with a boundary after each
+token with probability 1 / 1024 (documents of ~1K tokens on average).
 """
 
 import argparse
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
+MEAN_DOC_LEN = 1024  # Of the packed rows (--packed).
 HEADS, DIM = 8, 128
 FAMILIES = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 # Each family's inputs after q, k, v, in the order of our op (fla's differs: `_fla_args`).
@@ -134,9 +138,18 @@ def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def _random_segment_ids(key, batch: int, seq: int):
+  """Document ids [batch, seq] int32 with a boundary after each token with probability 1 / MEAN_DOC_LEN."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  return jnp.cumsum(jax.random.bernoulli(key, 1 / MEAN_DOC_LEN, (batch, seq)), axis=1, dtype=jnp.int32)
+
+
 def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str], warmup: int,
-              reps: int) -> list[dict]:
-  """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls`."""
+              reps: int, packed: bool = False) -> list[dict]:
+  """Our impls (of `impls`) of `families` (and on packed documents, op "<family> packed", if `packed`), and
+  cuDNN attention if "cudnn" is in `impls`."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -147,6 +160,7 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
   rows = []
   for batch, seq in shapes:
     keys = jax.random.split(jax.random.key(batch * seq), 8)
+    documents = [("", None)] + [(" packed", _random_segment_ids(keys[7], batch, seq))] * packed
     q, k, v, do = (jax.random.normal(key, (batch, seq, HEADS, DIM), jnp.bfloat16) for key in keys[:4])
     unit_k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(jnp.bfloat16)
     extra = {"simple_gla": {"g": jax.nn.log_sigmoid(jax.random.normal(keys[4], (batch, seq, HEADS)))},
@@ -155,12 +169,12 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
     extra["gated_delta_rule"] = extra["delta_rule"] | extra["simple_gla"]
     for op_name in families:
       op = ops[op_name]
-      for impl in (i for i in OUR_IMPLS if i in impls):
-        out = lambda *a, op=op, impl=impl: op(*a, impl=impl)[0]  # noqa: E731
+      for impl, (suffix, ids) in ((i, d) for i in OUR_IMPLS if i in impls for d in documents):
+        out = lambda *a, op=op, impl=impl, ids=ids: op(*a, impl=impl, segment_ids=ids)[0]  # noqa: E731
         fwd = jax.jit(out)
         fwd_bwd = jax.jit(lambda *a, out=out: jax.vjp(out, *a[:-1])[1](a[-1]))
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
-        rows.append(_row(op_name, impl, batch, seq, _both(
+        rows.append(_row(op_name + suffix, impl, batch, seq, _both(
             lambda: _jax_median_ms(fwd, args, warmup, reps),
             lambda: _jax_median_ms(fwd_bwd, (*args, do), warmup, reps))))
         print(json.dumps(rows[-1]), flush=True)
@@ -233,9 +247,9 @@ def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
 def _table(rows: Sequence[dict]) -> str:
   """One line per (batch, seq, op, impl): fwd and fwd+bwd ms."""
   fmt = lambda x: "-" if x is None else f"{x:9.3f}"  # noqa: E731
-  lines = [f"{'batch':>5} {'seq':>6} {'op':<16} {'impl':<8} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
+  lines = [f"{'batch':>5} {'seq':>6} {'op':<23} {'impl':<8} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
   for r in sorted(rows, key=lambda r: (r["seq"] * r["batch"], r["seq"], r["op"], r["impl"])):
-    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<16} {r['impl']:<8} {fmt(r['fwd_ms']):>9} "
+    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<23} {r['impl']:<8} {fmt(r['fwd_ms']):>9} "
                  f"{fmt(r['fwd_bwd_ms']):>9}  {r['error'] or ''}")
   return "\n".join(lines)
 
@@ -255,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help=f"comma-separated subset of {','.join(FAMILIES)}")
   parser.add_argument("--breakdown", type=_parse_shapes, default=[],
                       help="shapes (e.g. 1x16384) at which to time every Pallas kernel on its own")
+  parser.add_argument("--packed", action="store_true", help="also time ours on packed documents (~1K tokens)")
   parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -263,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   rows = (_run_fla(args.shapes, args.families, args.warmup_ms, args.rep_ms, args.fla_timeout)
           if "fla" in args.impls else [])
-  rows += _jax_rows(args.shapes, args.families, args.impls, args.warmup, args.reps)
+  rows += _jax_rows(args.shapes, args.families, args.impls, args.warmup, args.reps, args.packed)
   stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.warmup, args.reps)]
   import jax  # noqa: PLC0415
 

@@ -14,20 +14,23 @@ from linmoe import kernels
 from linmoe.kernels.pallas import delta as pallas_delta
 # `_fp32_matmuls` is the pallas tests' autouse fixture (true fp32 matmuls), imported to apply here too.
 from tests.test_kernels_pallas import FP32_TOL, _assert_close, _fp32_matmuls, _hostile_gates  # noqa: F401
+from tests.test_kernels_segments import BATCH, SEQ, _hostile_boundaries, assert_packed_matches_separate
 
 SEQ_LEN, CHUNK = 37, 16  # Three chunks, the last one padded.
 # (batch, heads, key_dim, value_dim): two heads; and two key blocks in the key-gradient programs.
 SMALL, WIDE_KEYS = (1, 2, 64, 64), (1, 1, 128, 64)
+PACKED = (BATCH, 2, 64, 64)  # The packed rows of tests/test_kernels_segments.py (seq SEQ), two heads.
 SEEDS = (0, 1)
 # The module: the package attribute `delta_rule` is the op.
 DELTA_RULE_MODULE = importlib.import_module("linmoe.kernels.delta_rule")
 
 
-def _inputs(dims: tuple[int, int, int, int], seed: int, with_state: bool, gated: bool) -> dict:
+def _inputs(dims: tuple[int, int, int, int], seed: int, with_state: bool, gated: bool,
+            seq_len: int = SEQ_LEN) -> dict:
   """fp32 q, L2-normalised k, v, beta in (0, 1), a moderate log decay (or None), an initial state (or None)."""
   batch, heads, key_dim, value_dim = dims
   rng = np.random.default_rng(seed)
-  lead = (batch, SEQ_LEN, heads)
+  lead = (batch, seq_len, heads)
   normal = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
   k = normal((*lead, key_dim))
   return {
@@ -89,6 +92,20 @@ def test_hostile_gates_and_beta_match_naive(pattern):
   beta[:, 0::3], beta[:, 1::3] = 0.0, 1.0
   inputs |= {"g": _hostile_gates(inputs["g"].shape, pattern, seed=3), "beta": jnp.asarray(beta)}
   _assert_pallas_matches_naive(inputs, seed=3)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_packed_matches_separate(gated):
+  """Packed documents (boundaries inside chunks, on chunk edges, one-token documents, a ragged end) equal
+  separate runs of the token loop: outputs, final state, gradients of q, k, v, beta, g and the initial state."""
+  inputs = _inputs(PACKED, seed=4, with_state=True, gated=gated, seq_len=SEQ)
+  assert_packed_matches_separate("delta_rule", inputs, "pallas", seed=4)
+
+
+def test_hostile_gates_at_boundaries():
+  """-inf and -1e4 log decays next to the boundaries: finite and still the separate runs."""
+  inputs = _inputs(PACKED, seed=5, with_state=True, gated=True, seq_len=SEQ)
+  assert_packed_matches_separate("delta_rule", _hostile_boundaries(inputs), "pallas", seed=5)
 
 
 @pytest.mark.parametrize("dims,chunk_size,match", [

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 STATE_DTYPE = jnp.float32
 AUTO_IMPL = "auto"
-# The implementations that take `segment_ids` (linmoe/kernels/segments.py); the Pallas kernels do not yet.
+# The implementations that take `segment_ids` (linmoe/kernels/segments.py) in every op; an op may add its own
+# (select_impl's segment_impls).
 SEGMENT_IMPLS = ("naive", "chunked", "scan")
 DEFAULT_SEGMENT_IMPL = "chunked"
 
@@ -52,11 +53,11 @@ def initial_state_or_zeros(initial_state: jax.Array | None, batch: int, heads: i
   return initial_state.astype(STATE_DTYPE)
 
 
-def select_impl(impls: Mapping[str, Callable], impl: str, auto: str,
-                segment_ids: jax.Array | None = None) -> Callable:
+def select_impl(impls: Mapping[str, Callable], impl: str, auto: str, segment_ids: jax.Array | None = None,
+                segment_impls: Sequence[str] = SEGMENT_IMPLS) -> Callable:
   """Looks `impl` up in `impls`; "auto" means `auto`. Raises ValueError naming the allowed values.
 
-  With segment_ids, the implementation must take them (SEGMENT_IMPLS): "auto" falls back to
+  With segment_ids, the implementation must take them (segment_impls, the op's): "auto" falls back to
   DEFAULT_SEGMENT_IMPL, another name raises; the returned function has segment_ids bound.
   """
   name = auto if impl == AUTO_IMPL else impl
@@ -65,9 +66,9 @@ def select_impl(impls: Mapping[str, Callable], impl: str, auto: str,
     raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
   if segment_ids is None:
     return impls[name]
-  if name not in SEGMENT_IMPLS:
+  if name not in segment_impls:
     if impl != AUTO_IMPL:
-      supported = ", ".join(repr(n) for n in SEGMENT_IMPLS if n in impls)
+      supported = ", ".join(repr(n) for n in segment_impls if n in impls)
       raise ValueError(f"impl={impl!r} does not support segment_ids yet; use one of {supported}")
     name = DEFAULT_SEGMENT_IMPL
   return functools.partial(impls[name], segment_ids=segment_ids)

@@ -146,6 +146,16 @@ def _random_segment_ids(key, batch: int, seq: int):
   return jnp.cumsum(jax.random.bernoulli(key, 1 / MEAN_DOC_LEN, (batch, seq)), axis=1, dtype=jnp.int32)
 
 
+def _output_and_grads(out: Callable, *args):
+  """out(*args[:-1]) and its vjp under the cotangent args[-1]. The output is returned so that the forward pass
+  is timed too: a custom_vjp whose residuals are its inputs would otherwise have its forward kernels removed
+  as dead code."""
+  import jax  # noqa: PLC0415
+
+  o, vjp = jax.vjp(out, *args[:-1])
+  return o, vjp(args[-1])
+
+
 def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str], warmup: int,
               reps: int, packed: bool = False) -> list[dict]:
   """Our impls (of `impls`) of `families` (and on packed documents, op "<family> packed", if `packed`), and
@@ -172,7 +182,7 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
       for impl, (suffix, ids) in ((i, d) for i in OUR_IMPLS if i in impls for d in documents):
         out = lambda *a, op=op, impl=impl, ids=ids: op(*a, impl=impl, segment_ids=ids)[0]  # noqa: E731
         fwd = jax.jit(out)
-        fwd_bwd = jax.jit(lambda *a, out=out: jax.vjp(out, *a[:-1])[1](a[-1]))
+        fwd_bwd = jax.jit(functools.partial(_output_and_grads, out))
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
         rows.append(_row(op_name + suffix, impl, batch, seq, _both(
             lambda: _jax_median_ms(fwd, args, warmup, reps),

@@ -50,30 +50,31 @@ def _scan(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, h0: jax.Arr
   return w, m, states, delta, final
 
 
-def _forward(q, k, v, beta, b, h0, doc, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-  """o [batch, T, heads, V] and the final state [batch, heads, K, V] fp32 (T a multiple of the chunk)."""
-  _, _, states, delta, final = _scan(k, v, beta, b, h0, doc, cfg)
+def _forward(q, k, v, beta, b, h0, doc, cfg: _Config) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+  """(o [batch, T, heads, V], the final state [batch, heads, K, V] fp32) (T a multiple of the chunk), and the
+  forward results the backward pass reuses: W, M, the chunk-entry states and Delta."""
+  w, m, states, delta, final = _scan(k, v, beta, b, h0, doc, cfg)
   o = delta_output.chunk_outputs(q, k, delta, b, states, doc, scale=cfg.scale, chunk=cfg.chunk,
                                  block_v=cfg.block_v)
-  return o, final
+  return (o, final), (w, m, states, delta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _delta_rule(q, k, v, beta, b, h0, doc, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-  return _forward(q, k, v, beta, b, h0, doc, cfg)
+  return _forward(q, k, v, beta, b, h0, doc, cfg)[0]
 
 
 def _delta_rule_fwd(q, k, v, beta, b, h0, doc, cfg):
-  return _forward(q, k, v, beta, b, h0, doc, cfg), (q, k, v, beta, b, h0, doc)
+  outputs, saved = _forward(q, k, v, beta, b, h0, doc, cfg)
+  return outputs, (q, k, v, beta, b, doc, *saved)
 
 
 def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array | None, ...]:
   """Gradients of (q, k, v, beta [.., 1], b, h0) from the cotangents of (o, final state); None for the
   document index."""
-  q, k, v, beta, b, h0, doc = residuals
+  q, k, v, beta, b, doc, w, m, states, delta = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
-  w, m, states, delta, _ = _scan(k, v, beta, b, h0, doc, cfg)
   d_local = delta_chunk.local_value_grad(q, k, b, do, doc, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
   d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_local, d_final.astype(jnp.float32), doc,
                                                      chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v)

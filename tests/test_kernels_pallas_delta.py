@@ -3,6 +3,7 @@
 Few shapes, so that the interpreted kernels compile once per shape: the seeds and hostile values reuse them.
 """
 
+import functools
 import importlib
 
 import jax
@@ -43,9 +44,9 @@ def _inputs(dims: tuple[int, int, int, int], seed: int, with_state: bool, gated:
   }
 
 
-def _vjp_of_impl(inputs: dict, cotangent: tuple, impl: str) -> tuple[tuple, dict]:
+def _vjp_of_impl(inputs: dict, cotangent: tuple, impl: str, chunk_size: int = CHUNK) -> tuple[tuple, dict]:
   """(o, final_state) and the gradients of every input (None entries stay None)."""
-  outputs, vjp = jax.vjp(lambda x: kernels.delta_rule(**x, impl=impl, chunk_size=CHUNK), inputs)
+  outputs, vjp = jax.vjp(lambda x: kernels.delta_rule(**x, impl=impl, chunk_size=chunk_size), inputs)
   (grads,) = vjp(cotangent)
   return outputs, grads
 
@@ -76,11 +77,13 @@ def test_pallas_matches_naive(dims, with_state, gated, seed):
   _assert_pallas_matches_naive(_inputs(dims, seed, with_state, gated), seed)
 
 
-def test_wide_value_block_matches_naive(monkeypatch):
-  """The scans' wide value block, which the sizes above (few batch * head programs) do not pick."""
+def test_wide_value_block_and_long_chunk_match_naive(monkeypatch):
+  """The scans' wide value block, which the sizes above (few batch * head programs) do not pick, and a chunk of
+  64 (four diagonal blocks in the WY kernel's inverse; 16 above is one)."""
   monkeypatch.setattr(pallas_delta, "FEW_PROGRAMS", 0)
   inputs = _inputs(WIDE_KEYS, seed=2, with_state=True, gated=True)
-  _assert_pallas_matches_naive(inputs, seed=2, forward_and_vjp=jax.jit(_vjp_of_impl, static_argnames="impl"))
+  forward_and_vjp = jax.jit(functools.partial(_vjp_of_impl, chunk_size=64), static_argnames="impl")
+  _assert_pallas_matches_naive(inputs, seed=2, forward_and_vjp=forward_and_vjp)
 
 
 @pytest.mark.parametrize("pattern", ["zero", "scattered"])

@@ -1,7 +1,8 @@
 """The delta rule's per-chunk kernels, all chunks in parallel: one program per (chunk, batch * head, block).
 
 `wy_factors` forms, per chunk, L = strictly_lower(diag(beta) G) with G_ij = (k_i . k_j) e^{b_i - b_j}, the inverse
-M = (I + L)^{-1} by forward substitution in fp32, and W = M (beta * K e^b), U = M (beta * V) (the WY factors of
+M = (I + L)^{-1} in fp32 by blocks (its SUB x SUB diagonal blocks by forward substitution, the others by
+matmuls), and W = M (beta * K e^b), U = M (beta * V) (the WY factors of
 `linmoe.kernels.delta_chunked`). `wy_grads` takes the cotangents dU = dDelta and dW = -dDelta S_n^T back to k, v,
 beta and b:
   dV = beta * M^T dU,  d(K e^b) = beta * M^T dW,  dbeta = rowsum(M^T dU * V + M^T dW * K e^b) + rowsum(dL * G),
@@ -16,12 +17,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from linmoe.kernels.pallas import _platform, _tile
 from linmoe.kernels.pallas import delta_segments as seg
 
 _CHUNK, _FEATURE, _FIRST = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
 WY_NUM_WARPS = 8
+SUB = 16  # Side of the diagonal blocks of I + L that the WY kernel inverts by substitution (divides every chunk).
 
 
 def _strict_gram(k: jax.Array, b: jax.Array, pairs: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -40,37 +43,75 @@ def _strict_pairs(chunk: int, doc: jax.Array | None) -> jax.Array:
 
 
 def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
-  """(I + lower)^{-1} of a strictly lower triangular [C, C] fp32 by forward substitution, one row at a time:
+  """(I + lower)^{-1} of a strictly lower triangular [S, S] fp32 by forward substitution, one row at a time:
   row i of the inverse is e_i - sum_{j<i} lower_ij (row j of the inverse)."""
-  chunk = lower.shape[0]
-  rows, cols = _tile.row_ids(chunk), _tile.col_ids(chunk)
+  size = lower.shape[0]
+  rows, cols = _tile.row_ids(size), _tile.col_ids(size)
   lower_t = jnp.transpose(lower)
 
   def body(i, inverse):
-    coefficients = jnp.sum(jnp.where(cols == i, lower_t, 0.0), axis=1, keepdims=True)  # [C, 1]: lower_ij
-    update = jnp.sum(coefficients * inverse, axis=0, keepdims=True)  # [1, C]
+    coefficients = jnp.sum(jnp.where(cols == i, lower_t, 0.0), axis=1, keepdims=True)  # [S, 1]: lower_ij
+    update = jnp.sum(coefficients * inverse, axis=0, keepdims=True)  # [1, S]
     return inverse - jnp.where(rows == i, update, 0.0)
 
-  return lax.fori_loop(1, chunk, body, (rows == cols).astype(_tile.F32))
+  return lax.fori_loop(1, size, body, (rows == cols).astype(_tile.F32))
+
+
+def _sub_rows(a: int) -> pl.Slice:
+  """Rows of the a-th SUB x SUB block of a chunk."""
+  return pl.ds(a * SUB, SUB)
+
+
+def _lower_block(k: list, b: list, beta: list, doc: list, a: int, c: int, dtype: jnp.dtype) -> jax.Array:
+  """L_ac = diag(beta_a) (K_a K_c^T * Gamma_ac), the (a, c) block of L (c <= a; strictly lower when c = a),
+  over the pairs of one document; the lists hold each block's rows of k [SUB, K], b, beta [SUB, 1] fp32 and
+  the document index [SUB, 1] (or None)."""
+  pairs = seg.same_doc(doc[a], doc[c])
+  if a == c:
+    pairs = seg.both(_tile.row_ids(SUB) > _tile.col_ids(SUB), pairs)
+  exponent = b[a] - jnp.transpose(b[c])
+  decay = jnp.exp(exponent) if pairs is None else _tile.masked_exp(pairs, exponent)
+  return beta[a] * _tile.dot(k[a], k[c], dtype, trans_b=True) * decay
+
+
+def _block_inverse(k: list, b: list, beta: list, doc: list, dtype: jnp.dtype) -> dict:
+  """The blocks M_ac (c <= a) of M = (I + L)^{-1}: the diagonal ones by substitution, then block row by block
+  row M_ac = -M_aa sum_{c <= e < a} L_ae M_ec (matmuls in fp32)."""
+  inverse = {}
+  for a in range(len(k)):
+    inverse[a, a] = _unit_lower_inverse(_lower_block(k, b, beta, doc, a, a, dtype))
+    lower = {e: _lower_block(k, b, beta, doc, a, e, dtype) for e in range(a)}
+    for c in range(a):
+      total = sum(_tile.dot(lower[e], inverse[e, c], _tile.F32) for e in range(c, a))
+      inverse[a, c] = -_tile.dot(inverse[a, a], total, _tile.F32)
+  return inverse
 
 
 def _wy_kernel(k_ref, v_ref, beta_ref, b_ref, *refs, dtype: jnp.dtype, segmented: bool) -> None:
   """Refs: k [C, K], v [C, V], beta [C, 1], b [C, 1] fp32, (segmented) the document index [C, 1] int32;
-  outputs W [C, K] (zero in the rows that do not read the incoming state), U [C, V], M [C, C] fp32."""
+  outputs W [C, K] (zero in the rows that do not read the incoming state), U [C, V], M [C, C] fp32.
+  Works on blocks of SUB rows (`_block_inverse`)."""
   doc_ref, (w_ref, u_ref, m_ref) = seg.split_refs(refs, segmented)
-  doc = None if doc_ref is None else doc_ref[...]
-  k, b, beta = k_ref[...], b_ref[...], beta_ref[...].astype(_tile.F32)
-  gram, _ = _strict_gram(k, b, _strict_pairs(k.shape[0], doc), dtype)
-  inverse = _unit_lower_inverse(beta * gram)
-  m_ref[...] = inverse
-  w = _tile.dot(inverse, beta * k.astype(_tile.F32) * jnp.exp(b), dtype)
-  w_ref[...] = seg.keep(seg.reads_prev(doc), w).astype(w_ref.dtype)
-  u_ref[...] = _tile.dot(inverse, beta * v_ref[...].astype(_tile.F32), dtype).astype(u_ref.dtype)
+  blocks = range(k_ref.shape[0] // SUB)
+  k = [k_ref[_sub_rows(a), :] for a in blocks]
+  b = [b_ref[_sub_rows(a), :] for a in blocks]
+  beta = [beta_ref[_sub_rows(a), :].astype(_tile.F32) for a in blocks]
+  doc = [None if doc_ref is None else doc_ref[_sub_rows(a), :] for a in blocks]
+  inverse = _block_inverse(k, b, beta, doc, dtype)
+  keys = [beta[a] * k[a].astype(_tile.F32) * jnp.exp(b[a]) for a in blocks]
+  values = [beta[a] * v_ref[_sub_rows(a), :].astype(_tile.F32) for a in blocks]
+  for a in blocks:
+    w = sum(_tile.dot(inverse[a, c], keys[c], dtype) for c in range(a + 1))
+    w_ref[_sub_rows(a), :] = seg.keep(seg.reads_prev(doc[a]), w).astype(w_ref.dtype)
+    u = sum(_tile.dot(inverse[a, c], values[c], dtype) for c in range(a + 1))
+    u_ref[_sub_rows(a), :] = u.astype(u_ref.dtype)
+    for c in blocks:
+      m_ref[_sub_rows(a), _sub_rows(c)] = inverse[a, c] if c <= a else jnp.zeros((SUB, SUB), _tile.F32)
 
 
 def _wy_grads_kernel(k_ref, v_ref, beta_ref, b_ref, m_ref, dd_ref, s_ref, *refs, dtype: jnp.dtype,
                      segmented: bool) -> None:
-  """Refs: k [C, K], v [C, V], beta [C, 1], b [C, 1] fp32, M [C, C] fp32, dDelta [C, V] fp32, S_n [K, V] fp32,
+  """Refs: k [C, K], v [C, V], beta [C, 1], b [C, 1] fp32, M [C, C] fp32, dDelta [C, V] fp32, S_n [K, V],
   (segmented) the document index [C, 1] int32; outputs dk [C, K] fp32 (the WY part), dv [C, V], dbeta [C, 1]
   fp32, db [C, 1] fp32 (the WY part)."""
   doc_ref, (dk_ref, dv_ref, dbeta_ref, db_ref) = seg.split_refs(refs, segmented)
@@ -140,7 +181,7 @@ def wy_grads(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, m: jax.A
     k, v, beta, b, doc: as `wy_factors`.
     m: M of `wy_factors` [batch, T, heads, C] fp32.
     d_delta: dL/dDelta [batch, T, heads, V] fp32.
-    states: S_n, the state entering each chunk [batch, T / C, heads, K, V] fp32.
+    states: S_n, the state entering each chunk [batch, T / C, heads, K, V] (the inputs' dtype or fp32).
     chunk: C.
 
   Returns:

@@ -44,9 +44,12 @@ def split_refs(refs: tuple, segmented: bool) -> tuple:
   return (refs[0], refs[1:]) if segmented else (None, refs)
 
 
-def same_doc(doc: jax.Array | None) -> jax.Array | None:
-  """[C (i), C (j)] bool, tokens i and j in one document, from the chunk's index [C, 1]."""
-  return None if doc is None else doc == jnp.transpose(doc)
+def same_doc(doc: jax.Array | None, doc_cols: jax.Array | None = None) -> jax.Array | None:
+  """[R (i), R' (j)] bool, tokens i and j in one document, from the index of the rows i [R, 1] and of the
+  columns j [R', 1] (default: the rows')."""
+  if doc is None:
+    return None
+  return doc == jnp.transpose(doc if doc_cols is None else doc_cols)
 
 
 def reads_prev(doc: jax.Array | None) -> jax.Array | None:

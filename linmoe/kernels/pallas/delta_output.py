@@ -34,7 +34,7 @@ def _total(x: jax.Array) -> jax.Array:
 
 def _output_kernel(q_ref, k_ref, d_ref, b_ref, h_ref, *refs, scale: float, dtype: jnp.dtype,
                    segmented: bool) -> None:
-  """Refs: q, k [C, K], Delta [C, BV], b [C, 1] fp32, S_n [K, BV] fp32, (segmented) the document index [C, 1]
+  """Refs: q, k [C, K], Delta [C, BV], b [C, 1] fp32, S_n [K, BV], (segmented) the document index [C, 1]
   int32; output o [C, BV]."""
   doc_ref, (o_ref,) = seg.split_refs(refs, segmented)
   doc = None if doc_ref is None else doc_ref[...]
@@ -46,15 +46,15 @@ def _output_kernel(q_ref, k_ref, d_ref, b_ref, h_ref, *refs, scale: float, dtype
 
 def _dqk_kernel(q_ref, k_ref, d_ref, do_ref, b_ref, h_ref, dh_ref, *refs, scale: float, dtype: jnp.dtype,
                 segmented: bool) -> None:
-  """Refs: q, k [C, BK], Delta, dO [C, V], b [C, 1] fp32, S_n, dS [BK, V] fp32, (segmented) the document index
-  [C, 1] int32; outputs dq, dk [C, BK] and this key block's share of db [C, 1] fp32."""
+  """Refs: q, k [C, BK], Delta, dO [C, V], b [C, 1] fp32, S_n, dS [BK, V] (the inputs' dtype), (segmented) the
+  document index [C, 1] int32; outputs dq, dk [C, BK] and this key block's share of db [C, 1] fp32."""
   doc_ref, (dq_ref, dk_ref, db_ref) = seg.split_refs(refs, segmented)
   chunk = q_ref.shape[0]
   doc = doc_end = None
   if doc_ref is not None:
     doc, doc_end = doc_ref[...], doc_ref[pl.ds(chunk - 1, 1), :]
   q, k, delta, do = q_ref[...].astype(_tile.F32), k_ref[...].astype(_tile.F32), d_ref[...], do_ref[...]
-  h, dh, b = h_ref[...], dh_ref[...], b_ref[...]
+  h, dh, b = h_ref[...].astype(_tile.F32), dh_ref[...].astype(_tile.F32), b_ref[...]
   b_end = b_ref[pl.ds(chunk - 1, 1), :]
   dq = seg.keep(seg.reads_prev(doc), (scale * jnp.exp(b)) * _tile.dot(do, h, dtype, trans_b=True))
   dk = seg.keep(seg.in_last(doc, doc_end), jnp.exp(b_end - b)) * _tile.dot(delta, dh, dtype, trans_b=True)
@@ -77,7 +77,7 @@ def chunk_outputs(q: jax.Array, k: jax.Array, delta: jax.Array, b: jax.Array, st
     q, k: [batch, T, heads, K], T a multiple of chunk.
     delta: corrected values Delta [batch, T, heads, V].
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
-    states: S_n, the state entering each chunk [batch, T / C, heads, K, V] fp32.
+    states: S_n, the state entering each chunk [batch, T / C, heads, K, V] (the inputs' dtype or fp32).
     doc: document index [batch, T, heads, 1] int32 (`delta_segments.doc_index`) or None.
     scale: output scale.
     chunk: C.
@@ -110,8 +110,8 @@ def query_key_grads(q: jax.Array, k: jax.Array, delta: jax.Array, do: jax.Array,
     q, k: [batch, T, heads, K], T a multiple of chunk.
     delta, do: corrected values and output cotangent [batch, T, heads, V].
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
-    states: S_n [batch, T / C, heads, K, V] fp32.
-    d_states: dL/dS_{n+1} [batch, T / C, heads, K, V] fp32.
+    states: S_n [batch, T / C, heads, K, V] (the inputs' dtype or fp32).
+    d_states: dL/dS_{n+1} [batch, T / C, heads, K, V], likewise.
     doc: as `chunk_outputs`.
     scale: output scale.
     chunk: C.

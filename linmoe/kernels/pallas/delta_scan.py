@@ -52,12 +52,13 @@ def _chunk(n: jax.Array, chunk: int, b_ref, doc_ref) -> _Chunk:
 def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype: jnp.dtype,
                     segmented: bool) -> None:
   """Refs: w, k [T, K], u [T, BV], b [T, 1] fp32, s0 [K, BV] fp32, (segmented) the document index [T, 1]
-  int32; outputs states [N, K, BV] fp32 (the state entering each chunk), delta [T, BV] and final [K, BV] fp32."""
+  int32; outputs states [N, K, BV] (the state entering each chunk, in the inputs' dtype), delta [T, BV] and
+  final [K, BV] fp32."""
   doc_ref, (states_ref, delta_ref, final_ref) = seg.split_refs(refs, segmented)
 
   def body(n, state):
     c = _chunk(n, chunk, b_ref, doc_ref)
-    states_ref[n] = state
+    states_ref[n] = state.astype(states_ref.dtype)
     delta = u_ref[c.rows, :].astype(_tile.F32) - _tile.dot(w_ref[c.rows, :], state, dtype)
     delta_ref[c.rows, :] = delta.astype(delta_ref.dtype)
     k_decayed = k_ref[c.rows, :].astype(_tile.F32) * c.key_decay
@@ -69,7 +70,8 @@ def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype
 def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, dloc_ref, ds_ref, *refs, chunk: int, scale: float,
                      dtype: jnp.dtype, segmented: bool) -> None:
   """Refs: q, k, w [T, K], b [T, 1] fp32, do [T, BV], dloc [T, BV] fp32, ds [K, BV] fp32 (d final state),
-  (segmented) the document index [T, 1] int32; outputs d_states [N, K, BV] fp32 (dL/dS_{n+1} of chunk n),
+  (segmented) the document index [T, 1] int32; outputs d_states [N, K, BV] (dL/dS_{n+1} of chunk n, in the
+  inputs' dtype),
   d_delta [T, BV] fp32 and d_s0 [K, BV] fp32."""
   doc_ref, (d_states_ref, d_delta_ref, d_s0_ref) = seg.split_refs(refs, segmented)
   n_chunks = d_states_ref.shape[0]
@@ -77,7 +79,7 @@ def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, dloc_ref, ds_ref, *refs
   def body(step, d_state):
     n = n_chunks - 1 - step
     c = _chunk(n, chunk, b_ref, doc_ref)
-    d_states_ref[n] = d_state
+    d_states_ref[n] = d_state.astype(d_states_ref.dtype)
     k_decayed = k_ref[c.rows, :].astype(_tile.F32) * c.key_decay
     d_delta = dloc_ref[c.rows, :] + _tile.dot(k_decayed, d_state, dtype)
     d_delta_ref[c.rows, :] = d_delta
@@ -117,7 +119,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
     block_v: value block of one program, dividing V.
 
   Returns:
-    states [batch, T / C, heads, K, V] fp32, Delta [batch, T, heads, V] in u's dtype, final state
+    states [batch, T / C, heads, K, V] and Delta [batch, T, heads, V] in u's dtype, final state
     [batch, heads, K, V] fp32.
   """
   batch, seq, heads, key_dim = k.shape
@@ -131,7 +133,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
       in_specs=[spec["keys"], spec["values"], spec["keys"], spec["decay"], spec["state"]]
       + [spec["decay"]] * (doc is not None),
       out_specs=[spec["states"], spec["values"], spec["state"]],
-      out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
+      out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), u.dtype),
                  jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(initial.shape, _tile.F32)])
   states, delta, final = call(*seg.with_doc((w, u, k, b, initial), doc))
   return states, delta, final
@@ -154,7 +156,7 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
     block_v: value block of one program, dividing V.
 
   Returns:
-    d_states [batch, T / C, heads, K, V] fp32 (entry n: dL/dS_{n+1}), dDelta [batch, T, heads, V] fp32,
+    d_states [batch, T / C, heads, K, V] in do's dtype (entry n: dL/dS_{n+1}), dDelta [batch, T, heads, V] fp32,
     dL/d initial state [batch, heads, K, V] fp32.
   """
   batch, seq, heads, key_dim = k.shape
@@ -168,7 +170,7 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
       in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["values"],
                 spec["state"]] + [spec["decay"]] * (doc is not None),
       out_specs=[spec["states"], spec["values"], spec["state"]],
-      out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
+      out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), do.dtype),
                  jax.ShapeDtypeStruct(do.shape, _tile.F32), jax.ShapeDtypeStruct(d_final.shape, _tile.F32)])
   d_states, d_delta, d_initial = call(*seg.with_doc((q, k, w, b, do, d_local, d_final), doc))
   return d_states, d_delta, d_initial

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from linmoe.kernels import common
 from linmoe.kernels.pallas import delta as pallas_delta
 # `_fp32_matmuls` is the pallas tests' autouse fixture (true fp32 matmuls), imported to apply here too.
 from tests.test_kernels_pallas import FP32_TOL, _assert_close, _fp32_matmuls, _hostile_gates  # noqa: F401
@@ -123,3 +124,13 @@ def test_unsupported_sizes_raise(dims, chunk_size, match):
 def test_auto_is_chunked_off_gpu():
   inputs = _inputs(SMALL, seed=0, with_state=False, gated=True)
   assert DELTA_RULE_MODULE.auto_impl(inputs["q"], inputs["v"], CHUNK) == "chunked"
+
+
+def test_pallas_takes_segment_ids_under_auto():
+  """delta_rule's own list of segment-capable impls keeps "pallas" (what auto picks on a GPU) with segment ids,
+  where the decay ops fall back to "chunked"."""
+  segment_ids = jnp.zeros((1, 4), jnp.int32)
+  impls = {"chunked": lambda **kw: "chunked", "pallas": lambda **kw: kw}
+  select = functools.partial(common.select_impl, impls, "auto", "pallas", segment_ids)
+  assert select(DELTA_RULE_MODULE._SEGMENT_IMPLS)() == {"segment_ids": segment_ids}
+  assert select()() == "chunked"

@@ -150,6 +150,16 @@ def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
+def _output_and_grads(out: Callable, *args):
+  """out(*args[:-1]) and its vjp under the cotangent args[-1]. The output is returned so that the forward pass
+  is timed too: a custom_vjp whose residuals are its inputs would otherwise have its forward kernels removed
+  as dead code."""
+  import jax  # noqa: PLC0415
+
+  o, vjp = jax.vjp(out, *args[:-1])
+  return o, vjp(args[-1])
+
+
 def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str], warmup: int,
               reps: int) -> list[dict]:
   """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls` (with
@@ -178,7 +188,7 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
         op_impl = "pallas" if impl == "pallas_packed" else impl
         out = lambda *a, op=op, impl=op_impl: op(*a, impl=impl)[0]  # noqa: E731
         fwd = jax.jit(out)
-        fwd_bwd = jax.jit(lambda *a, out=out: jax.vjp(out, *a[:-1])[1](a[-1]))
+        fwd_bwd = jax.jit(functools.partial(_output_and_grads, out))
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
         rows.append(_row(op_name, impl, batch, seq, _both(
             lambda: _jax_median_ms(fwd, args, warmup, reps),
@@ -192,7 +202,7 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
       attentions["pallas_packed"] = functools.partial(causal_attention, **packed)
     for impl, attention in attentions.items():
       fwd = jax.jit(attention)
-      fwd_bwd = jax.jit(lambda q, k, v, do, attention=attention: jax.vjp(attention, q, k, v)[1](do))
+      fwd_bwd = jax.jit(functools.partial(_output_and_grads, attention))
       rows.append(_row("attention", impl, batch, seq, _both(
           lambda: _jax_median_ms(fwd, (q, k, v), warmup, reps),
           lambda: _jax_median_ms(fwd_bwd, (q, k, v, do), warmup, reps))))

@@ -26,9 +26,10 @@ def _naive(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Arr
 
 
 # Implementations by name; each takes (q, k, v, beta, g [.., 1], *, scale, initial_state, **tiling), and
-# those of common.SEGMENT_IMPLS a keyword segment_ids.
+# those of _SEGMENT_IMPLS a keyword segment_ids.
 _IMPLS = {"naive": _naive, "chunked": delta_chunked.chunked_delta_rule,
           "pallas": pallas_delta.pallas_delta_rule}
+_SEGMENT_IMPLS = (*common.SEGMENT_IMPLS, "pallas")
 
 
 def auto_impl(q: jax.Array, v: jax.Array, chunk_size: int) -> str:
@@ -62,14 +63,14 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax
     scale: output scale, default key_dim ** -0.5.
     initial_state: optional memory [batch, heads, key_dim, value_dim], of the first token's document.
     segment_ids: optional document id per token [batch, seq] int32: the memory restarts from zero where
-      the id changes (linmoe/kernels/segments.py); not with "pallas" yet ("auto" then takes "chunked").
+      the id changes (linmoe/kernels/segments.py).
     impl: "naive", "chunked", "pallas" (key_dim, value_dim 64 or 128) or "auto".
     chunk_size: chunk length of the chunked form ("pallas": a power of two >= 16).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
   """
-  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, chunk_size), segment_ids)
+  fn = common.select_impl(_IMPLS, impl, auto_impl(q, v, chunk_size), segment_ids, _SEGMENT_IMPLS)
   g = _check_inputs(q, k, v, beta, g, initial_state, _SEQ_AXES)
   segments.check(segment_ids, *q.shape[:2])
   scale = common.default_scale(scale, q.shape[-1])

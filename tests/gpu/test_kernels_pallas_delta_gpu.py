@@ -120,6 +120,65 @@ def test_long_or_wide_forward_matches_naive(batch, seq_len):
          f"bfloat16 {batch}x{seq_len}")
 
 
+def _packed_layout(batch: int, seq_len: int, docs_per_row: int, seed: int) -> dict:
+  """Random document lengths (docs_per_row per row, at least one token each): the segment ids [batch, seq]
+  and, per document, its row, start and length."""
+  rng = np.random.default_rng(seed)
+  cuts = np.sort(rng.choice(np.arange(1, seq_len), size=(batch, docs_per_row - 1), replace=False), axis=1)
+  edges = np.concatenate([np.zeros((batch, 1), int), cuts, np.full((batch, 1), seq_len)], axis=1)
+  ids = np.stack([np.repeat(np.arange(docs_per_row), np.diff(e)) for e in edges]).astype(np.int32)
+  return {"segment_ids": ids + 5, "row": np.repeat(np.arange(batch), docs_per_row),
+          "start": edges[:, :-1].reshape(-1), "length": np.diff(edges, axis=1).reshape(-1)}
+
+
+def _separate(x: jax.Array, lay: dict) -> jax.Array:
+  """[batch, seq, ...] -> [n_docs, max_len, ...], each document from position 0, zeros after its end."""
+  pos = np.arange(lay["length"].max())[None]
+  valid = pos < lay["length"][:, None]
+  gathered = x[lay["row"][:, None], np.where(valid, lay["start"][:, None] + pos, 0)]
+  return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), gathered, 0)
+
+
+def _packed(y: jax.Array, lay: dict, shape: tuple[int, int]) -> jax.Array:
+  """[n_docs, max_len, ...] -> [batch, seq, ...], the inverse of `_separate`."""
+  doc = np.repeat(np.arange(len(lay["row"])), lay["length"]).reshape(shape)
+  return y[doc, np.arange(shape[1])[None] - lay["start"][doc]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_packed_matches_separate_documents(dtype, tol):
+  """4 x 4K tokens, 8 random documents per row: pallas with segment ids on the packed rows (poisoned memory)
+  against chunked on each document alone in fp32 (zero padding after a document's end changes nothing: beta
+  and g are 0 there): outputs, final state of each row's last document, all gradients."""
+  batch, seq_len = 4, 4096
+  lay = _packed_layout(batch, seq_len, docs_per_row=8, seed=6)
+  inputs = _inputs(batch=batch, seq_len=seq_len, dtype=dtype, seed=6)
+  cotangent = _cotangent(inputs, 6)
+  n_docs = len(lay["row"])
+  first, last = np.arange(0, n_docs, 8), np.arange(7, n_docs, 8)
+  separate = {n: _separate(x, lay) if n != "initial_state" else x for n, x in _upcast(inputs).items()}
+  separate["initial_state"] = jnp.zeros((n_docs, *inputs["initial_state"].shape[1:])).at[first].set(
+      inputs["initial_state"])
+  sep_cotangent = (_separate(cotangent[0].astype(jnp.float32), lay),
+                   jnp.zeros(separate["initial_state"].shape).at[last].set(cotangent[1]))
+  with jax.default_matmul_precision("highest"):
+    (o_ref, s_ref), g_ref = _forward_and_vjp(separate, sep_cotangent, "chunked")
+    segment_ids = jnp.asarray(lay["segment_ids"])
+    _poison_free_memory()
+    (o, s), grads = _packed_forward_and_vjp(inputs, segment_ids, cotangent)
+  expected = {"o": _packed(o_ref, lay, (batch, seq_len)), "final_state": s_ref[last]}
+  expected |= {n: _packed(g, lay, (batch, seq_len)) for n, g in g_ref.items() if n != "initial_state"}
+  expected["initial_state"] = g_ref["initial_state"][first]
+  _check({"o": o, "final_state": s} | grads, expected, tol, f"{jnp.dtype(dtype).name} packed 4x4096")
+
+
+@jax.jit
+def _packed_forward_and_vjp(inputs: dict, segment_ids: jax.Array, cotangent: tuple) -> tuple[tuple, dict]:
+  outputs, vjp = jax.vjp(lambda x: kernels.delta_rule(**x, segment_ids=segment_ids, impl="pallas"), inputs)
+  (grads,) = vjp(cotangent)
+  return outputs, grads
+
+
 def test_auto_picks_pallas():
   delta_rule_module = importlib.import_module("linmoe.kernels.delta_rule")  # The package attribute is the op.
   inputs = _inputs(batch=1, seq_len=64, dtype=jnp.bfloat16, seed=5)

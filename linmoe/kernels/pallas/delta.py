@@ -3,15 +3,19 @@
 The chunked WY form of `linmoe.kernels.delta_chunked`: per chunk, W = M (beta * K e^b) and U = M (beta * V) with
 M = (I + strictly_lower(diag(beta) K K^T * Gamma))^{-1}; the sequential pass over chunks forms the corrected
 values Delta = U - W S_n and the fp32 states; the outputs of all chunks are then those of the decay recurrence
-on Delta (`output.chunk_outputs`).
+on Delta (`delta_output.chunk_outputs`).
 Forward: `delta_chunk.wy_factors` (W, U, M), `delta_scan.forward_scan` (state entering every chunk, Delta,
-final state), `output.chunk_outputs`.
-Backward: the residuals are the inputs alone (q, k, v, beta, the cumulative log decay b, the initial state);
-W, U, M, the chunk states and Delta are recomputed (one more WY pass and scan) rather than kept from the forward
-pass. `delta_chunk.local_value_grad` and `delta_scan.backward_scan` give dL/dDelta and dL/dS at every chunk
-edge; with Delta in place of v, `grads.query_key_grads` gives the direct parts of dq, dk, db;
-`delta_chunk.wy_grads` takes the WY factors' cotangents (dU = dDelta, dW = -dDelta S_n^T) back to k, v, beta and b.
-The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them."""
+final state), `delta_output.chunk_outputs`.
+Backward: the residuals are q, k, v, beta, the cumulative log decay b and the forward's W, M, chunk states (in
+the inputs' dtype) and Delta, rather than recomputed (a WY pass and a scan: 32% of forward + backward at 1 x 64K
+on an H100, for 1.25 KiB more per token and head in bf16, K = V = 128). `delta_chunk.local_value_grad` and
+`delta_scan.backward_scan` give dL/dDelta and dL/dS at every chunk edge; with Delta in place of v,
+`delta_output.query_key_grads` gives the direct parts of dq, dk, db; `delta_chunk.wy_grads` takes the WY
+factors' cotangents (dU = dDelta, dW = -dDelta S_n^T) back to k, v, beta and b.
+The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
+Packed documents (segment_ids) reach every kernel as one int32 document index per token (`delta_segments`),
+from which each kernel forms exact masks (segments.py's conventions); without segment ids the kernels are
+compiled without the index or any mask."""
 
 import dataclasses
 import functools
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.kernels import chunked, common
-from linmoe.kernels.pallas import delta_chunk, delta_scan, grads, output, recurrence
+from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, delta_segments, recurrence
 
 HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
 MIN_CHUNK = 16  # Smallest matmul side of the Triton lowering.
@@ -39,43 +43,46 @@ class _Config:
   block_v: int
 
 
-def _scan(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, h0: jax.Array,
+def _scan(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, h0: jax.Array, doc: jax.Array | None,
           cfg: _Config) -> tuple[jax.Array, ...]:
   """W (k's dtype), M, chunk-entry states, Delta (v's dtype) and the final state."""
-  w, u, m = delta_chunk.wy_factors(k, v, beta, b, chunk=cfg.chunk)
-  states, delta, final = delta_scan.forward_scan(w, u, k, b, h0, chunk=cfg.chunk, block_v=cfg.block_v)
+  w, u, m = delta_chunk.wy_factors(k, v, beta, b, doc, chunk=cfg.chunk)
+  states, delta, final = delta_scan.forward_scan(w, u, k, b, h0, doc, chunk=cfg.chunk, block_v=cfg.block_v)
   return w, m, states, delta, final
 
 
-def _forward(q, k, v, beta, b, h0, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-  """o [batch, T, heads, V] and the final state [batch, heads, K, V] fp32 (T a multiple of the chunk)."""
-  _, _, states, delta, final = _scan(k, v, beta, b, h0, cfg)
-  o = output.chunk_outputs(q, k, delta, b, states, None, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
-  return o, final
+def _forward(q, k, v, beta, b, h0, doc, cfg: _Config) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+  """(o [batch, T, heads, V], the final state [batch, heads, K, V] fp32) (T a multiple of the chunk), and the
+  forward results the backward pass reuses: W, M, the chunk-entry states and Delta."""
+  w, m, states, delta, final = _scan(k, v, beta, b, h0, doc, cfg)
+  o = delta_output.chunk_outputs(q, k, delta, b, states, doc, scale=cfg.scale, chunk=cfg.chunk,
+                                 block_v=cfg.block_v)
+  return (o, final), (w, m, states, delta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _delta_rule(q, k, v, beta, b, h0, cfg: _Config) -> tuple[jax.Array, jax.Array]:
-  return _forward(q, k, v, beta, b, h0, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _delta_rule(q, k, v, beta, b, h0, doc, cfg: _Config) -> tuple[jax.Array, jax.Array]:
+  return _forward(q, k, v, beta, b, h0, doc, cfg)[0]
 
 
-def _delta_rule_fwd(q, k, v, beta, b, h0, cfg):
-  return _forward(q, k, v, beta, b, h0, cfg), (q, k, v, beta, b, h0)
+def _delta_rule_fwd(q, k, v, beta, b, h0, doc, cfg):
+  outputs, saved = _forward(q, k, v, beta, b, h0, doc, cfg)
+  return outputs, (q, k, v, beta, b, doc, *saved)
 
 
-def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array, ...]:
-  """Gradients of (q, k, v, beta [.., 1], b, h0) from the cotangents of (o, final state)."""
-  q, k, v, beta, b, h0 = residuals
+def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array | None, ...]:
+  """Gradients of (q, k, v, beta [.., 1], b, h0) from the cotangents of (o, final state); None for the
+  document index."""
+  q, k, v, beta, b, doc, w, m, states, delta = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
-  w, m, states, delta, _ = _scan(k, v, beta, b, h0, cfg)
-  d_local = delta_chunk.local_value_grad(q, k, b, do, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
-  d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_local, d_final.astype(jnp.float32),
+  d_local = delta_chunk.local_value_grad(q, k, b, do, doc, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
+  d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_local, d_final.astype(jnp.float32), doc,
                                                      chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v)
-  dq, dk, db = grads.query_key_grads(q, k, delta, do, b, states, d_states, scale=cfg.scale, chunk=cfg.chunk,
-                                     block_k=cfg.block_k)
-  dk_wy, dv, d_beta, db_wy = delta_chunk.wy_grads(k, v, beta, b, m, d_delta, states, chunk=cfg.chunk)
-  return dq, (dk + dk_wy).astype(k.dtype), dv, d_beta.astype(beta.dtype), db + db_wy, d_h0
+  dq, dk, db = delta_output.query_key_grads(q, k, delta, do, b, states, d_states, doc, scale=cfg.scale,
+                                            chunk=cfg.chunk, block_k=cfg.block_k)
+  dk_wy, dv, d_beta, db_wy = delta_chunk.wy_grads(k, v, beta, b, m, d_delta, states, doc, chunk=cfg.chunk)
+  return dq, (dk + dk_wy).astype(k.dtype), dv, d_beta.astype(beta.dtype), db + db_wy, d_h0, None
 
 
 _delta_rule.defvjp(_delta_rule_fwd, _delta_rule_bwd)
@@ -108,7 +115,8 @@ def _block_v(batch_heads: int, value_dim: int) -> int:
 
 def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array, *,
                       scale: float, initial_state: jax.Array | None = None,
-                      chunk_size: int = chunked.DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
+                      chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
+                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Chunked delta rule on Pallas kernels; same results as `delta_naive.naive_delta_rule`.
 
   Args:
@@ -121,6 +129,8 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
     initial_state: optional [batch, heads, key_dim, value_dim].
     chunk_size: C, a power of two >= 16; any seq works (zero padding at the end, which leaves the state as it
       is: beta = 0 there).
+    segment_ids: optional document ids [batch, seq] (linmoe/kernels/segments.py): exact masks in every kernel
+      (`delta_segments`); without them the kernels take no document index.
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
@@ -136,5 +146,6 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim))
-  o, final_state = _delta_rule(q, k, v, beta[..., None], recurrence._chunk_cumsum(g, chunk_size), h0, cfg)
+  doc = delta_segments.doc_index(segment_ids, chunk_size, q.shape[1], heads)
+  o, final_state = _delta_rule(q, k, v, beta[..., None], recurrence._chunk_cumsum(g, chunk_size), h0, doc, cfg)
   return o[:, :seq_len], final_state

@@ -52,8 +52,6 @@ CASES = {
 }
 
 
-
-
 def _pallas_inputs(family: str, seed: int) -> dict:
   """The family's inputs with value_dim doubled to 16, the smallest tile of the Pallas kernels."""
   inputs = _inputs(FAMILIES[family], SEQ, seed)
@@ -138,8 +136,8 @@ LAYOUT = layout(LENGTHS)
 def _vjp(inputs: dict, segment_ids: jax.Array | None, cotangent: tuple, case: str,
          impl: str) -> tuple[tuple, dict]:
   """(o, final_state) of the case's op and the gradients of every input under `cotangent` (the case of
-  PALLAS_CASES for impl "pallas", of CASES otherwise)."""
-  spec = (PALLAS_CASES if impl == "pallas" else CASES)[case]
+  PALLAS_CASES for impl "pallas" where it has one, of CASES otherwise)."""
+  spec = PALLAS_CASES[case] if impl == "pallas" and case in PALLAS_CASES else CASES[case]
   run = lambda x: spec.op(**x, segment_ids=segment_ids, impl=impl, **spec.tiling)
   outputs, vjp = jax.vjp(run, inputs)
   (grads,) = vjp(cotangent)

@@ -147,5 +147,6 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim))
   doc = delta_segments.doc_index(segment_ids, chunk_size, q.shape[1], heads)
-  o, final_state = _delta_rule(q, k, v, beta[..., None], recurrence._chunk_cumsum(g, chunk_size), h0, doc, cfg)
+  b = recurrence.floored_chunk_cumsum(g, chunk_size, segment_ids)
+  o, final_state = _delta_rule(q, k, v, beta[..., None], b, h0, doc, cfg)
   return o[:, :seq_len], final_state

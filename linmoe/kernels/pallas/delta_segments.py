@@ -12,7 +12,7 @@ Without segment ids every kernel takes no index (a static variant) and every mas
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import common, segments
+from linmoe.kernels import segments
 
 
 def doc_index(segment_ids: jax.Array | None, chunk: int, padded_seq: int, heads: int) -> jax.Array | None:
@@ -27,10 +27,7 @@ def doc_index(segment_ids: jax.Array | None, chunk: int, padded_seq: int, heads:
   """
   if segment_ids is None:
     return None
-  starts = ~segments.continues(segment_ids)
-  starts = jnp.pad(starts, [(0, 0), (0, padded_seq - starts.shape[1])])  # Padding starts nothing.
-  doc = jnp.cumsum(common.to_chunks(starts, chunk), axis=2, dtype=jnp.int32)
-  doc = doc.reshape(doc.shape[0], padded_seq, 1, 1)
+  doc = segments.chunk_documents(segment_ids, chunk).reshape(segment_ids.shape[0], padded_seq, 1, 1)
   return jnp.broadcast_to(doc, (doc.shape[0], padded_seq, heads, 1))
 
 

@@ -2,11 +2,12 @@
 
 Rows of x are sorted by group and cut into tiles of `block_m` rows that may straddle group boundaries
 (MegaBlocks / "gmm" style). The forward kernel gives each (row tile, column tile) one program, which loops
-over the groups overlapping its rows and loads x with the other groups' rows masked to zero: every output
-element is written exactly once, and rows past the last group get zeros. The input gradient is the same
-kernel on dy with w read transposed. The weight gradient dw[e] = x_e^T dy_e is a "transposed" grouped
-matmul: one program per (expert, K tile, N tile) sums over the expert's rows, the largest experts first so
-that a skewed expert does not start last.
+over the groups overlapping its rows and loads x with the other groups' rows masked to zero (unmasked for
+a tile inside one group, most tiles): every output element is written exactly once, and rows past the
+last group get zeros. The input gradient is the same kernel on dy with w read transposed. The weight
+gradient dw[e] = x_e^T dy_e is a "transposed" grouped matmul: one program per (expert, K tile, N tile)
+sums over the expert's rows, the largest experts first so that a skewed expert does not start last; its
+steps of whole tiles load unmasked.
 """
 
 import dataclasses
@@ -125,13 +126,12 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
   row_block, col_block = pl.ds(row_tile * bm, bm), pl.ds(col_tile * bn, bn)
   col_ok = _in_bounds(col_tile * bn, bn, width) if width % bn else None
 
-  def group_step(g, acc):
-    in_group = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
-
+  def depth_loop(row_mask: jax.Array | None, g: jax.Array, acc: jax.Array) -> jax.Array:
+    """acc + x[rows] @ w[g] over the whole depth; rows outside row_mask (None: all in) read as zero."""
     def depth_step(kt, acc):
       depth_block = pl.ds(kt * bk, bk)
       depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
-      a = _load(x_ref.at[row_block, depth_block], mask=_mask(in_group, depth_ok, (bm, bk)))
+      a = _load(x_ref.at[row_block, depth_block], mask=_mask(row_mask, depth_ok, (bm, bk)))
       if transpose_rhs:
         b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn, bk)))
         dims = ((1,), (1,))
@@ -141,6 +141,13 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
       return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
 
     return jax.lax.fori_loop(0, pl.cdiv(depth, bk), depth_step, acc)
+
+  def group_step(g, acc):
+    start, stop = offsets_ref[g], offsets_ref[g + 1]
+    # A tile inside one group (most tiles: groups are much longer than a tile) loads x unmasked.
+    inside = (start <= row_tile * bm) & (row_tile * bm + bm <= stop)
+    return jax.lax.cond(inside, functools.partial(depth_loop, None, g),
+                        functools.partial(depth_loop, (rows >= start) & (rows < stop), g), acc)
 
   acc = jax.lax.fori_loop(first_ref[row_tile], end_ref[row_tile], group_step,
                           jnp.zeros((bm, bn), ACC_DTYPE))
@@ -197,15 +204,19 @@ def _tgmm_kernel(order_ref, offsets_ref, x_ref, dy_ref, *out_refs, bm: int, bn: 
   depth_ok = _in_bounds(depth_tile * bk, bk, depth) if depth % bk else None
   col_ok = _in_bounds(col_tile * bn, bn, width) if width % bn else None
 
-  def row_step(i, acc):
+  def row_step(i: jax.Array, acc: jax.Array, masked: bool) -> jax.Array:
     row_start = start + i * bm
-    row_ok = _in_bounds(row_start, bm, stop)
+    row_ok = _in_bounds(row_start, bm, stop) if masked else None
     a = _load(x_ref.at[pl.ds(row_start, bm), depth_block], mask=_mask(row_ok, depth_ok, (bm, bk)))
     b = _load(dy_ref.at[pl.ds(row_start, bm), col_block], mask=_mask(row_ok, col_ok, (bm, bn)))
     return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=ACC_DTYPE)
 
-  num_steps = jax.lax.div(stop - start + bm - 1, bm)
-  acc = jax.lax.fori_loop(0, num_steps, row_step, jnp.zeros((bk, bn), ACC_DTYPE))
+  # Whole steps of bm rows load unmasked; a last partial step, if any, masks the rows past the expert.
+  num_full = jax.lax.div(stop - start, bm)
+  acc = jax.lax.fori_loop(0, num_full, functools.partial(row_step, masked=False),
+                          jnp.zeros((bk, bn), ACC_DTYPE))
+  acc = jax.lax.cond(start + num_full * bm < stop, functools.partial(row_step, num_full, masked=True),
+                     lambda acc: acc, acc)
   plgpu.store(dw_ref.at[expert, depth_block, col_block], acc.astype(dw_ref.dtype),
               mask=_mask(depth_ok, col_ok, (bk, bn)))
 

@@ -71,7 +71,9 @@ class MoE(nn.Module):
     column, row = logical(init, "experts", "embed", "mlp"), logical(init, "experts", "mlp", "embed")
     shape_in, shape_out = (moe.num_experts, cfg.d_model, moe.d_ff), (moe.num_experts, moe.d_ff,
                                                                      cfg.d_model)
-    weights = tuple(self.param(n, i, s).astype(dtype) for n, i, s in (
+    # Stored in expert_param_dtype: in bf16 the cast below is free (the optimizer keeps fp32 masters).
+    param_dtype = jnp.dtype(moe.expert_param_dtype)
+    weights = tuple(self.param(n, i, s, param_dtype).astype(dtype) for n, i, s in (
         ("w_gate", column, shape_in), ("w_up", column, shape_in), ("w_down", row, shape_out)))
 
     tokens = tokens.astype(dtype)

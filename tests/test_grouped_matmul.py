@@ -110,6 +110,18 @@ def test_kernels_write_every_element(transpose_rhs: bool):
   assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(dw)))
 
 
+@pytest.mark.parametrize("width", [40, 48])
+def test_forward_kernel_narrower_last_column_tile(width: int):
+  """Column tiles of 32 over 40 (a last tile of 16, masked) and 48 (a last tile of 16, exact) columns."""
+  x, w, _ = _inputs(width, jnp.float32)
+  w = jnp.concatenate([w, w], axis=2)[:, :, :width]
+  sizes = jnp.asarray(LAYOUTS["uneven"], jnp.int32)
+  tiling = grouped_matmul_pallas.Tiling(block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=1)
+  out = grouped_matmul_pallas.gmm(x, w, grouped_matmul_pallas.group_offsets(sizes, ROWS), tiling,
+                                  out=jnp.full((ROWS, width), jnp.nan, jnp.float32))
+  _assert_close(out, REFERENCE(x, w, sizes), TOLERANCES[jnp.float32], "out")
+
+
 def test_tile_group_ranges():
   """Tiles of 4 rows over groups of sizes (0, 5, 0, 2) in 12 rows: tiles straddle, the last is past."""
   offsets = grouped_matmul_pallas.group_offsets(jnp.asarray([0, 5, 0, 2], jnp.int32), 12)

@@ -115,6 +115,8 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
                 transpose_rhs: bool):
   """One [bm, bn] tile of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the groups owning its rows.
 
+  The last column tile, when the width is not a multiple of bn, is the next power of 2 at or above the
+  columns left (N = 896 with bn = 256: a last tile of 128, not half of 256 computed for nothing).
   Refs: first, end [T]; offsets [E + 1]; x [M, R]; w [E, R, P] (or [E, P, R] when transposed); then an
   optional aliased initial output, ignored; out [M, P].
   """
@@ -123,37 +125,51 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
   width = out_ref.shape[1]
   col_tile, row_tile = pl.program_id(0), pl.program_id(1)
   rows = row_tile * bm + jnp.arange(bm)
-  row_block, col_block = pl.ds(row_tile * bm, bm), pl.ds(col_tile * bn, bn)
-  col_ok = _in_bounds(col_tile * bn, bn, width) if width % bn else None
-
-  def depth_loop(row_mask: jax.Array | None, g: jax.Array, acc: jax.Array) -> jax.Array:
-    """acc + x[rows] @ w[g] over the whole depth; rows outside row_mask (None: all in) read as zero."""
-    def depth_step(kt, acc):
-      depth_block = pl.ds(kt * bk, bk)
-      depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
-      a = _load(x_ref.at[row_block, depth_block], mask=_mask(row_mask, depth_ok, (bm, bk)))
-      if transpose_rhs:
-        b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn, bk)))
-        dims = ((1,), (1,))
-      else:
-        b = _load(w_ref.at[g, depth_block, col_block], mask=_mask(depth_ok, col_ok, (bk, bn)))
-        dims = ((1,), (0,))
-      return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
-
-    return jax.lax.fori_loop(0, pl.cdiv(depth, bk), depth_step, acc)
-
-  def group_step(g, acc):
-    start, stop = offsets_ref[g], offsets_ref[g + 1]
-    # A tile inside one group (most tiles: groups are much longer than a tile) loads x unmasked.
-    inside = (start <= row_tile * bm) & (row_tile * bm + bm <= stop)
-    return jax.lax.cond(inside, functools.partial(depth_loop, None, g),
-                        functools.partial(depth_loop, (rows >= start) & (rows < stop), g), acc)
-
-  acc = jax.lax.fori_loop(first_ref[row_tile], end_ref[row_tile], group_step,
-                          jnp.zeros((bm, bn), ACC_DTYPE))
+  row_block = pl.ds(row_tile * bm, bm)
   row_ok = _in_bounds(row_tile * bm, bm, num_rows) if num_rows % bm else None
-  plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
-              mask=_mask(row_ok, col_ok, (bm, bn)))
+
+  def column_tile(bn_tile: int, masked: bool) -> None:
+    """Computes and stores the [bm, bn_tile] tile at columns col_tile * bn; `masked`: it may cross
+    the last column."""
+    col_block = pl.ds(col_tile * bn, bn_tile)
+    col_ok = _in_bounds(col_tile * bn, bn_tile, width) if masked else None
+
+    def depth_loop(row_mask: jax.Array | None, g: jax.Array, acc: jax.Array) -> jax.Array:
+      """acc + x[rows] @ w[g] over the whole depth; rows outside row_mask (None: all in) read as 0."""
+      def depth_step(kt, acc):
+        depth_block = pl.ds(kt * bk, bk)
+        depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
+        a = _load(x_ref.at[row_block, depth_block], mask=_mask(row_mask, depth_ok, (bm, bk)))
+        if transpose_rhs:
+          b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn_tile, bk)))
+          dims = ((1,), (1,))
+        else:
+          b = _load(w_ref.at[g, depth_block, col_block], mask=_mask(depth_ok, col_ok, (bk, bn_tile)))
+          dims = ((1,), (0,))
+        return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
+
+      return jax.lax.fori_loop(0, pl.cdiv(depth, bk), depth_step, acc)
+
+    def group_step(g, acc):
+      start, stop = offsets_ref[g], offsets_ref[g + 1]
+      # A tile inside one group (most tiles: groups are much longer than a tile) loads x unmasked.
+      inside = (start <= row_tile * bm) & (row_tile * bm + bm <= stop)
+      return jax.lax.cond(inside, functools.partial(depth_loop, None, g),
+                          functools.partial(depth_loop, (rows >= start) & (rows < stop), g), acc)
+
+    acc = jax.lax.fori_loop(first_ref[row_tile], end_ref[row_tile], group_step,
+                            jnp.zeros((bm, bn_tile), ACC_DTYPE))
+    plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
+                mask=_mask(row_ok, col_ok, (bm, bn_tile)))
+
+  last_cols = width - (pl.cdiv(width, bn) - 1) * bn
+  bn_last = _fit(bn, last_cols)
+  if bn_last == bn:
+    column_tile(bn, masked=last_cols < bn)
+  else:
+    is_last = col_tile == pl.cdiv(width, bn) - 1
+    pl.when(is_last)(functools.partial(column_tile, bn_last, masked=last_cols < bn_last))
+    pl.when(jnp.logical_not(is_last))(functools.partial(column_tile, bn, masked=False))
 
 
 def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, tiling: Tiling, *, transpose_rhs: bool = False,

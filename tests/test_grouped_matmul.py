@@ -47,7 +47,8 @@ IMPLS = {
     "pallas_tile16": _pallas_16,
     "auto": kernels.grouped_matmul,
 }
-# Groups covering whole tiles of 16 rows (the kernels' unmasked loads) beside straddled tiles: tile 16 only.
+# Groups covering whole tiles of 16 rows (tiles inside one group; the weight gradient's unmasked steps)
+# beside straddled tiles: tile 16 only.
 WHOLE_TILES = (16, 0, 19, 0, 1)
 CASES = [(layout, impl) for layout in LAYOUTS for impl in IMPLS] + [("whole_tiles", "pallas_tile16")]
 REFERENCE = functools.partial(kernels.grouped_matmul, impl="reference")
@@ -97,9 +98,12 @@ def test_matches_reference(layout: str, impl: str, dtype: jnp.dtype):
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_kernels_write_every_element(transpose_rhs: bool):
-  """The kernels overwrite a NaN-poisoned output everywhere, rows past the sum and empty groups too."""
+  """The kernels overwrite a NaN-poisoned output everywhere, rows past the sum and empty groups too;
+  NaN in the input rows past the sum does not reach the output."""
   x, w, cotangent = _inputs(7, jnp.float32)
   sizes = jnp.asarray(LAYOUTS["empty_and_tail"], jnp.int32)
+  used = sum(LAYOUTS["empty_and_tail"])
+  x, cotangent = x.at[used:].set(jnp.nan), cotangent.at[used:].set(jnp.nan)
   offsets = grouped_matmul_pallas.group_offsets(sizes, ROWS)
   lhs, rhs = (cotangent, w) if transpose_rhs else (x, w)
   width = K if transpose_rhs else N

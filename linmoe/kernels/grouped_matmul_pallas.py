@@ -2,12 +2,11 @@
 
 Rows of x are sorted by group and cut into tiles of `block_m` rows that may straddle group boundaries
 (MegaBlocks / "gmm" style). The forward kernel gives each (row tile, column tile) one program, which loops
-over the groups overlapping its rows and loads x with the other groups' rows masked to zero (unmasked for
-a tile inside one group, most tiles): every output element is written exactly once, and rows past the
-last group get zeros. The input gradient is the same kernel on dy with w read transposed. The weight
-gradient dw[e] = x_e^T dy_e is a "transposed" grouped matmul: one program per (expert, K tile, N tile)
-sums over the expert's rows, the largest experts first so that a skewed expert does not start last; its
-steps of whole tiles load unmasked.
+over the groups overlapping its rows, each group's product kept on its rows: every output element is
+written exactly once, and rows past the last group get zeros. The input gradient is the same kernel on
+dy with w read transposed. The weight gradient dw[e] = x_e^T dy_e is a "transposed" grouped matmul: one
+program per (expert, K tile, N tile) sums over the expert's rows, the largest experts first so that a
+skewed expert does not start last; its steps of whole tiles load unmasked.
 """
 
 import dataclasses
@@ -112,64 +111,57 @@ def _interpret() -> bool:
 
 
 def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: int, bn: int, bk: int,
-                transpose_rhs: bool):
-  """One [bm, bn] tile of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the groups owning its rows.
+                col_start: int, transpose_rhs: bool):
+  """One [bm, bn] tile (columns from col_start) of out = x_g @ w[g] (or x_g @ w[g]^T), on the rows
+  of each group g overlapping the tile.
 
-  The last column tile, when the width is not a multiple of bn, is the next power of 2 at or above the
-  columns left (N = 896 with bn = 256: a last tile of 128, not half of 256 computed for nothing).
+  Each group's product is taken over the whole row tile with unmasked loads (a masked load per step
+  cost 4-8% where groups straddle tiles) and kept on the group's rows by one select per group; a tile
+  inside one group is a plain matmul. Rows of other groups do not mix into a group's rows (products are
+  row by row), and the select drops whatever they computed, NaN included.
   Refs: first, end [T]; offsets [E + 1]; x [M, R]; w [E, R, P] (or [E, P, R] when transposed); then an
-  optional aliased initial output, ignored; out [M, P].
+  optional aliased initial output, ignored except for columns outside this call's; out [M, P].
   """
   out_ref = out_refs[-1]
   num_rows, depth = x_ref.shape
   width = out_ref.shape[1]
   col_tile, row_tile = pl.program_id(0), pl.program_id(1)
   rows = row_tile * bm + jnp.arange(bm)
-  row_block = pl.ds(row_tile * bm, bm)
+  row_block, col_block = pl.ds(row_tile * bm, bm), pl.ds(col_start + col_tile * bn, bn)
   row_ok = _in_bounds(row_tile * bm, bm, num_rows) if num_rows % bm else None
+  col_ok = _in_bounds(col_start + col_tile * bn, bn, width) if (width - col_start) % bn else None
 
-  def column_tile(bn_tile: int, masked: bool) -> None:
-    """Computes and stores the [bm, bn_tile] tile at columns col_tile * bn; `masked`: it may cross
-    the last column."""
-    col_block = pl.ds(col_tile * bn, bn_tile)
-    col_ok = _in_bounds(col_tile * bn, bn_tile, width) if masked else None
+  def depth_step(g, kt, acc):
+    depth_block = pl.ds(kt * bk, bk)
+    depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
+    a = _load(x_ref.at[row_block, depth_block], mask=_mask(row_ok, depth_ok, (bm, bk)))
+    if transpose_rhs:
+      b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn, bk)))
+      dims = ((1,), (1,))
+    else:
+      b = _load(w_ref.at[g, depth_block, col_block], mask=_mask(depth_ok, col_ok, (bk, bn)))
+      dims = ((1,), (0,))
+    return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
 
-    def depth_loop(row_mask: jax.Array | None, g: jax.Array, acc: jax.Array) -> jax.Array:
-      """acc + x[rows] @ w[g] over the whole depth; rows outside row_mask (None: all in) read as 0."""
-      def depth_step(kt, acc):
-        depth_block = pl.ds(kt * bk, bk)
-        depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
-        a = _load(x_ref.at[row_block, depth_block], mask=_mask(row_mask, depth_ok, (bm, bk)))
-        if transpose_rhs:
-          b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn_tile, bk)))
-          dims = ((1,), (1,))
-        else:
-          b = _load(w_ref.at[g, depth_block, col_block], mask=_mask(depth_ok, col_ok, (bk, bn_tile)))
-          dims = ((1,), (0,))
-        return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
+  def group_step(g, acc):
+    product = jax.lax.fori_loop(0, pl.cdiv(depth, bk), functools.partial(depth_step, g),
+                                jnp.zeros((bm, bn), ACC_DTYPE))
+    in_group = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
+    return acc + jnp.where(in_group[:, None], product, 0.0)
 
-      return jax.lax.fori_loop(0, pl.cdiv(depth, bk), depth_step, acc)
+  acc = jax.lax.fori_loop(first_ref[row_tile], end_ref[row_tile], group_step,
+                          jnp.zeros((bm, bn), ACC_DTYPE))
+  plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
+              mask=_mask(row_ok, col_ok, (bm, bn)))
 
-    def group_step(g, acc):
-      start, stop = offsets_ref[g], offsets_ref[g + 1]
-      # A tile inside one group (most tiles: groups are much longer than a tile) loads x unmasked.
-      inside = (start <= row_tile * bm) & (row_tile * bm + bm <= stop)
-      return jax.lax.cond(inside, functools.partial(depth_loop, None, g),
-                          functools.partial(depth_loop, (rows >= start) & (rows < stop), g), acc)
 
-    acc = jax.lax.fori_loop(first_ref[row_tile], end_ref[row_tile], group_step,
-                            jnp.zeros((bm, bn_tile), ACC_DTYPE))
-    plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
-                mask=_mask(row_ok, col_ok, (bm, bn_tile)))
-
-  last_cols = width - (pl.cdiv(width, bn) - 1) * bn
-  bn_last = _fit(bn, last_cols)
-  if bn_last == bn:
-    column_tile(bn, masked=last_cols < bn)
-  else:
-    is_last = col_tile == pl.cdiv(width, bn) - 1
-    pl.when(is_last)(functools.partial(column_tile, bn_last, masked=last_cols < bn_last))
-    pl.when(jnp.logical_not(is_last))(functools.partial(column_tile, bn, masked=False))
+def _column_parts(width: int, bn: int) -> list[tuple[int, int, int]]:
+  """(first column, block width, tiles) of each launch: tiles of bn over the whole multiples of bn,
+  then one tile of the next power of 2 at or above the columns left (N = 896, bn = 256: 3 tiles of 256
+  and one of 128, not a fourth 256-wide tile half computed for nothing)."""
+  full = width // bn * bn
+  parts = [(0, bn, width // bn)] if full else []
+  return parts + ([(full, _fit(bn, width - full), 1)] if full < width else [])
 
 
 def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, tiling: Tiling, *, transpose_rhs: bool = False,
@@ -192,17 +184,20 @@ def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, tiling: Tiling, *, trans
   bm, bn, bk = (_fit(tiling.block_m, num_rows), _fit(tiling.block_n, width),
                 _fit(tiling.block_k, depth))
   first, end = tile_group_ranges(offsets, num_rows, bm)
-  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, transpose_rhs=transpose_rhs)
-  args = (first, end, offsets, x, w) + (() if out is None else (out,))
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
-      grid=(pl.cdiv(width, bn), pl.cdiv(num_rows, bm)),
-      input_output_aliases={} if out is None else {len(args) - 1: 0},
-      compiler_params=_compiler_params(tiling),
-      interpret=_interpret(),
-      name="grouped_matmul",
-  )(*args)
+  for col_start, block_n, num_col_tiles in _column_parts(width, bn):
+    kernel = functools.partial(_gmm_kernel, bm=bm, bn=block_n, bk=bk, col_start=col_start,
+                               transpose_rhs=transpose_rhs)
+    args = (first, end, offsets, x, w) + (() if out is None else (out,))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
+        grid=(num_col_tiles, pl.cdiv(num_rows, bm)),
+        input_output_aliases={} if out is None else {len(args) - 1: 0},
+        compiler_params=_compiler_params(tiling),
+        interpret=_interpret(),
+        name="grouped_matmul",
+    )(*args)
+  return out
 
 
 def _tgmm_kernel(order_ref, offsets_ref, x_ref, dy_ref, *out_refs, bm: int, bn: int, bk: int):

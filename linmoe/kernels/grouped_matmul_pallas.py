@@ -2,11 +2,11 @@
 
 Rows of x are sorted by group and cut into tiles of `block_m` rows that may straddle group boundaries
 (MegaBlocks / "gmm" style). The forward kernel gives each (row tile, column tile) one program, which loops
-over the groups overlapping its rows, each group's product kept on its rows: every output element is
-written exactly once, and rows past the last group get zeros. The input gradient is the same kernel on
-dy with w read transposed. The weight gradient dw[e] = x_e^T dy_e is a "transposed" grouped matmul: one
-program per (expert, K tile, N tile) sums over the expert's rows, the largest experts first so that a
-skewed expert does not start last; its steps of whole tiles load unmasked.
+over the groups overlapping its rows and loads x with the other groups' rows masked to zero: every output
+element is written exactly once, and rows past the last group get zeros. The input gradient is the same
+kernel on dy with w read transposed. The weight gradient dw[e] = x_e^T dy_e is a "transposed" grouped
+matmul: one program per (expert, K tile, N tile) sums over the expert's rows, the largest experts first
+so that a skewed expert does not start last; its steps of whole tiles load unmasked.
 """
 
 import dataclasses
@@ -112,13 +112,12 @@ def _interpret() -> bool:
 
 def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: int, bn: int, bk: int,
                 col_start: int, transpose_rhs: bool):
-  """One [bm, bn] tile (columns from col_start) of out = x_g @ w[g] (or x_g @ w[g]^T), on the rows
-  of each group g overlapping the tile.
+  """One [bm, bn] tile (columns from col_start) of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the
+  groups owning its rows.
 
-  Each group's product is taken over the whole row tile with unmasked loads (a masked load per step
-  cost 4-8% where groups straddle tiles) and kept on the group's rows by one select per group; a tile
-  inside one group is a plain matmul. Rows of other groups do not mix into a group's rows (products are
-  row by row), and the select drops whatever they computed, NaN included.
+  One pipelined loop, x loaded with the other groups' rows masked to zero. Measured slower on the H100:
+  a second loop for tiles inside one group (Triton gave each loop its own shared memory, past the
+  limit) and a product per group kept by a select (a second [bm, bn] fp32 accumulator spills).
   Refs: first, end [T]; offsets [E + 1]; x [M, R]; w [E, R, P] (or [E, P, R] when transposed); then an
   optional aliased initial output, ignored except for columns outside this call's; out [M, P].
   """
@@ -128,29 +127,28 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
   col_tile, row_tile = pl.program_id(0), pl.program_id(1)
   rows = row_tile * bm + jnp.arange(bm)
   row_block, col_block = pl.ds(row_tile * bm, bm), pl.ds(col_start + col_tile * bn, bn)
-  row_ok = _in_bounds(row_tile * bm, bm, num_rows) if num_rows % bm else None
   col_ok = _in_bounds(col_start + col_tile * bn, bn, width) if (width - col_start) % bn else None
 
-  def depth_step(g, kt, acc):
-    depth_block = pl.ds(kt * bk, bk)
-    depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
-    a = _load(x_ref.at[row_block, depth_block], mask=_mask(row_ok, depth_ok, (bm, bk)))
-    if transpose_rhs:
-      b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn, bk)))
-      dims = ((1,), (1,))
-    else:
-      b = _load(w_ref.at[g, depth_block, col_block], mask=_mask(depth_ok, col_ok, (bk, bn)))
-      dims = ((1,), (0,))
-    return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
-
   def group_step(g, acc):
-    product = jax.lax.fori_loop(0, pl.cdiv(depth, bk), functools.partial(depth_step, g),
-                                jnp.zeros((bm, bn), ACC_DTYPE))
     in_group = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
-    return acc + jnp.where(in_group[:, None], product, 0.0)
+
+    def depth_step(kt, acc):
+      depth_block = pl.ds(kt * bk, bk)
+      depth_ok = _in_bounds(kt * bk, bk, depth) if depth % bk else None
+      a = _load(x_ref.at[row_block, depth_block], mask=_mask(in_group, depth_ok, (bm, bk)))
+      if transpose_rhs:
+        b = _load(w_ref.at[g, col_block, depth_block], mask=_mask(col_ok, depth_ok, (bn, bk)))
+        dims = ((1,), (1,))
+      else:
+        b = _load(w_ref.at[g, depth_block, col_block], mask=_mask(depth_ok, col_ok, (bk, bn)))
+        dims = ((1,), (0,))
+      return acc + jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=ACC_DTYPE)
+
+    return jax.lax.fori_loop(0, pl.cdiv(depth, bk), depth_step, acc)
 
   acc = jax.lax.fori_loop(first_ref[row_tile], end_ref[row_tile], group_step,
                           jnp.zeros((bm, bn), ACC_DTYPE))
+  row_ok = _in_bounds(row_tile * bm, bm, num_rows) if num_rows % bm else None
   plgpu.store(out_ref.at[row_block, col_block], acc.astype(out_ref.dtype),
               mask=_mask(row_ok, col_ok, (bm, bn)))
 

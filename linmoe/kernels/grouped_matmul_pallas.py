@@ -111,23 +111,23 @@ def _interpret() -> bool:
 
 
 def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: int, bn: int, bk: int,
-                col_start: int, transpose_rhs: bool):
-  """One [bm, bn] tile (columns from col_start) of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the
-  groups owning its rows.
+                transpose_rhs: bool):
+  """One [bm, bn] tile of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the groups owning its rows.
 
-  One pipelined loop, x loaded with the other groups' rows masked to zero. Measured slower on the H100:
-  a second loop for tiles inside one group (Triton gave each loop its own shared memory, past the
-  limit) and a product per group kept by a select (a second [bm, bn] fp32 accumulator spills).
+  Measured slower on the H100 at the A0.3B-2B shape (benchmarks/RESULTS.md): a second, unmasked loop
+  for tiles inside one group (Triton gives each loop its own shared memory, past the limit at these
+  tiles); each group's product kept by a select instead of masked loads (a second fp32 accumulator
+  spills: 0.52 -> 0.64 ms); a narrower last column tile as a second launch (x read twice: +3%).
   Refs: first, end [T]; offsets [E + 1]; x [M, R]; w [E, R, P] (or [E, P, R] when transposed); then an
-  optional aliased initial output, ignored except for columns outside this call's; out [M, P].
+  optional aliased initial output, ignored; out [M, P].
   """
   out_ref = out_refs[-1]
   num_rows, depth = x_ref.shape
   width = out_ref.shape[1]
   col_tile, row_tile = pl.program_id(0), pl.program_id(1)
   rows = row_tile * bm + jnp.arange(bm)
-  row_block, col_block = pl.ds(row_tile * bm, bm), pl.ds(col_start + col_tile * bn, bn)
-  col_ok = _in_bounds(col_start + col_tile * bn, bn, width) if (width - col_start) % bn else None
+  row_block, col_block = pl.ds(row_tile * bm, bm), pl.ds(col_tile * bn, bn)
+  col_ok = _in_bounds(col_tile * bn, bn, width) if width % bn else None
 
   def group_step(g, acc):
     in_group = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
@@ -153,15 +153,6 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
               mask=_mask(row_ok, col_ok, (bm, bn)))
 
 
-def _column_parts(width: int, bn: int) -> list[tuple[int, int, int]]:
-  """(first column, block width, tiles) of each launch: tiles of bn over the whole multiples of bn,
-  then one tile of the next power of 2 at or above the columns left (N = 896, bn = 256: 3 tiles of 256
-  and one of 128, not a fourth 256-wide tile half computed for nothing)."""
-  full = width // bn * bn
-  parts = [(0, bn, width // bn)] if full else []
-  return parts + ([(full, _fit(bn, width - full), 1)] if full < width else [])
-
-
 def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, tiling: Tiling, *, transpose_rhs: bool = False,
         out: jax.Array | None = None) -> jax.Array:
   """Grouped matmul out[rows of g] = x[rows of g] @ w[g] (w[g]^T when transpose_rhs); other rows zero.
@@ -182,20 +173,17 @@ def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, tiling: Tiling, *, trans
   bm, bn, bk = (_fit(tiling.block_m, num_rows), _fit(tiling.block_n, width),
                 _fit(tiling.block_k, depth))
   first, end = tile_group_ranges(offsets, num_rows, bm)
-  for col_start, block_n, num_col_tiles in _column_parts(width, bn):
-    kernel = functools.partial(_gmm_kernel, bm=bm, bn=block_n, bk=bk, col_start=col_start,
-                               transpose_rhs=transpose_rhs)
-    args = (first, end, offsets, x, w) + (() if out is None else (out,))
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
-        grid=(num_col_tiles, pl.cdiv(num_rows, bm)),
-        input_output_aliases={} if out is None else {len(args) - 1: 0},
-        compiler_params=_compiler_params(tiling),
-        interpret=_interpret(),
-        name="grouped_matmul",
-    )(*args)
-  return out
+  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, transpose_rhs=transpose_rhs)
+  args = (first, end, offsets, x, w) + (() if out is None else (out,))
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((num_rows, width), x.dtype),
+      grid=(pl.cdiv(width, bn), pl.cdiv(num_rows, bm)),
+      input_output_aliases={} if out is None else {len(args) - 1: 0},
+      compiler_params=_compiler_params(tiling),
+      interpret=_interpret(),
+      name="grouped_matmul",
+  )(*args)
 
 
 def _tgmm_kernel(order_ref, offsets_ref, x_ref, dy_ref, *out_refs, bm: int, bn: int, bk: int):

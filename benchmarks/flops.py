@@ -35,7 +35,7 @@ def matmul_flops_per_token(params, cfg: ModelConfig) -> float:
     names = [getattr(k, "key", "") for k in path]
     if leaf.ndim < 2 or "embed" in names:
       continue
-    share = cfg.moe.top_k / cfg.moe.num_experts if names[-1] in ("w_gate", "w_up", "w_down") else 1.0
+    share = cfg.moe.top_k / cfg.moe.num_experts if names[-1] in ("w_gate_up", "w_down") else 1.0
     total += 2.0 * np.prod(leaf.shape) * share
   return total
 

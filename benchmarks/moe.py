@@ -3,9 +3,11 @@
 Kernel rows: one grouped matmul [tokens * top_k, d_model] x [experts, d_model, d_ff] through
 `jax.lax.ragged_dot` and the Pallas kernel, and a dense XLA matmul of the same FLOPs, forward and
 forward+backward, with even groups and with one expert holding 10x its share.
-Layer rows (--layers): the MoE layer (router, permutation, three expert matmuls, combine) dropless with
-the Pallas kernel and with plain ragged_dot, in capacity mode (factor 1.25), and a dense SwiGLU MLP of
-the same active FLOPs (d_ff = top_k * expert d_ff), with the compiled forward+backward's memory.
+Layer rows (--layers): the MoE layer (router, permutation, three expert matmuls, combine) as training
+runs it (bf16 compute, expert weights stored in bf16: `model.moe.expert_param_dtype`), dropless with the
+Pallas kernel (also with fp32 expert weights cast in every call, and through plain ragged_dot when
+--impls names it), in capacity mode (factor 1.25), and a dense SwiGLU MLP of the same active FLOPs
+(d_ff = top_k * expert d_ff), with the compiled forward+backward's memory.
 Prints tables and writes JSON to --out.
 
   python3 -m benchmarks.moe --out moe.json [--sweep] [--layers] [--hlo-dir DIR]
@@ -161,12 +163,14 @@ def run_sweep(shape: Shape, dtype: jnp.dtype) -> list[dict]:
   return rows
 
 
-def layer_config(shape: Shape, dispatch: str, gmm_impl: str) -> ModelConfig:
-  """The MoE layer of `shape` in bf16 (softmax router, top-k renormalized, no shared expert)."""
+def layer_config(shape: Shape, dispatch: str, gmm_impl: str, expert_param_dtype: str = "bfloat16"
+                 ) -> ModelConfig:
+  """The MoE layer of `shape` in bf16 (softmax router, top-k renormalized, no shared expert), its
+  expert weights stored in `expert_param_dtype` (bf16 as the A0.3B-2B preset trains)."""
   m = default_config().model
   m.d_model, m.compute_dtype = shape.d_model, "bfloat16"
   m.moe.update(num_experts=shape.experts, top_k=shape.top_k, d_ff=shape.d_ff, dispatch=dispatch,
-               gmm_impl=gmm_impl, capacity_factor_train=1.25)
+               gmm_impl=gmm_impl, capacity_factor_train=1.25, expert_param_dtype=expert_param_dtype)
   return ModelConfig.from_config(m, 128)
 
 
@@ -196,9 +200,15 @@ def large_arrays(hlo: str, shapes: dict[str, str]) -> dict[str, list[str]]:
   return found
 
 
-def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None) -> list[dict]:
+def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None, ragged_dot: bool) -> list[dict]:
   """Forward and forward+backward ms, TFLOP/s (active expert FLOPs), compiled memory and, for the MoE
-  layers, the count of [tokens, experts] and [tokens * k, d_model] arrays in the optimized HLO."""
+  layers, the count of [tokens, experts] and [tokens * k, d_model] arrays in the optimized HLO.
+
+  The MoE layers run as the A0.3B-2B preset trains them: bf16 compute, expert weights stored in bf16
+  (`model.moe.expert_param_dtype`, fp32 masters in the optimizer, outside the layer); one row keeps
+  fp32 expert weights, cast to bf16 in every call. The dense MLP's weights are fp32 as in training.
+  `ragged_dot`: also the dropless layer through plain ragged_dot (slow; its backward runs out of memory).
+  """
   kx, kc, kp = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(kx, (1, shape.tokens, shape.d_model), dtype)
   cotangent = jax.random.normal(kc, x.shape, dtype)
@@ -207,10 +217,12 @@ def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None) -> list[dict
          "[tokens*k, d_model]": f"{shape.rows},{shape.d_model}"}
   layers = [
       ("moe dropless, ours", MoE(layer_config(shape, "dropless", "auto"))),
-      ("moe dropless, ragged_dot", MoE(layer_config(shape, "dropless", "ragged_dot"))),
+      ("moe dropless, fp32 experts", MoE(layer_config(shape, "dropless", "auto", "float32"))),
       ("moe capacity 1.25", MoE(layer_config(shape, "capacity", "auto"))),
       ("dense swiglu", SwiGLU(layer_config(shape, "dropless", "auto"), d_ff=shape.top_k * shape.d_ff)),
   ]
+  if ragged_dot:
+    layers.insert(2, ("moe dropless, ragged_dot", MoE(layer_config(shape, "dropless", "ragged_dot"))))
   # Diagnostic: the dropless layer with its expert function replaced by the identity, i.e. the router,
   # permutation and combine alone (the expert weights then get no gradient).
   layers.append(("moe dropless, no experts", MoE(layer_config(shape, "dropless", "auto"))))
@@ -308,7 +320,7 @@ def main() -> None:
     result["sweep"] = run_sweep(shape, dtype)
   result["rows"] = run_table(shape, dtype, args.impls.split(","))
   if args.layers:
-    result["layers"] = run_layers(shape, dtype, args.hlo_dir)
+    result["layers"] = run_layers(shape, dtype, args.hlo_dir, "ragged_dot" in args.impls.split(","))
   print_table(result["rows"])
   if args.layers:
     print_layers(result["layers"])

@@ -75,7 +75,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, models: tuple[str, ...]
 def measure(cfg: ModelConfig, train_config, batch: int, seq: int, steps: int,
             profile_dir: str | None) -> dict:
   model = LinearMoELM(cfg)
-  tx = make_optimizer(train_config)
+  tx = make_optimizer(train_config, master_weights=cfg.moe.expert_param_dtype != "float32")
   tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
   data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   params = jax.jit(functools.partial(init_params, model))(jax.random.key(1),

@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.shared_d_ff = 0  # hidden width of each shared expert; 0 = d_ff
   e.shared_expert_gate = False  # sigmoid gate on the shared experts' output (Qwen2-MoE)
   e.gmm_impl = "auto"  # grouped matmul of the dropless mode, one of GMM_IMPLS
+  # dtype the expert weights are stored in, one of COMPUTE_DTYPES; "bfloat16" (with compute_dtype
+  # bfloat16) skips casting them on every use; the optimizer then keeps fp32 master copies
+  e.expert_param_dtype = "float32"
   e.aux_loss_weight = 0.01  # load-balancing loss (Switch/GShard form) weight
   e.z_loss_weight = 0.001  # router z-loss weight
 
@@ -115,6 +118,7 @@ class MoEConfig:
   shared_d_ff: int
   shared_expert_gate: bool
   gmm_impl: str
+  expert_param_dtype: str
   aux_loss_weight: float
   z_loss_weight: float
 
@@ -219,6 +223,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _check_choice(config, "model.moe.router", ROUTERS)
   _check_choice(config, "model.moe.dispatch", DISPATCH_MODES)
   _check_choice(config, "model.moe.gmm_impl", GMM_IMPLS)
+  _check_choice(config, "model.moe.expert_param_dtype", COMPUTE_DTYPES)
   if not m.pattern or set(m.pattern) - {"L", "N"}:
     _fail("model.pattern", m.pattern, "must be a non-empty string of L (LSM block) and N (attention block)")
   if m.scan_layers and m.lsm in DEPTH_DEPENDENT_LSMS:

@@ -47,7 +47,8 @@ class Trainer:
     self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
     self.model = LinearMoELM(self.model_cfg)
     self.mesh = make_mesh(config.mesh, devices)
-    self.tx = make_optimizer(config.train)
+    self.tx = make_optimizer(config.train,
+                             master_weights=config.model.moe.expert_param_dtype != "float32")
     # Shardings of the train state from the parameters' logical axis names (linmoe/parallel/rules.py):
     # parameters and optimizer moments alike, so FSDP shards both.
     boxed = jax.eval_shape(self._boxed_init, jax.random.key(config.seed))

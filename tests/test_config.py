@@ -104,6 +104,7 @@ def test_bundled_configs_are_valid(name):
 @pytest.mark.parametrize("key,value", [("model.moe.router", "topk"),
                                        ("model.moe.dispatch", "dropful"),
                                        ("model.moe.gmm_impl", "cutlass"),
+                                       ("model.moe.expert_param_dtype", "float16"),
                                        ("model.moe.capacity_factor_train", 0.0),
                                        ("model.moe.num_shared_experts", -1)])
 def test_bad_moe_values_are_named(key, value):

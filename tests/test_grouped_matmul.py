@@ -47,6 +47,10 @@ IMPLS = {
     "pallas_tile16": _pallas_16,
     "auto": kernels.grouped_matmul,
 }
+# Groups covering whole tiles of 16 rows (the weight gradient's unmasked whole steps) beside partial ones
+# and straddled tiles: tile 16 only.
+WHOLE_TILES = (16, 0, 19, 0, 1)
+CASES = [(layout, impl) for layout in LAYOUTS for impl in IMPLS] + [("whole_tiles", "pallas_tile16")]
 REFERENCE = functools.partial(kernels.grouped_matmul, impl="reference")
 
 
@@ -74,10 +78,10 @@ def _assert_close(actual: jax.Array, expected: jax.Array, tol: float, name: str)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(("layout", "impl"), CASES)
 def test_matches_reference(layout: str, impl: str, dtype: jnp.dtype):
-  sizes = jnp.asarray(LAYOUTS[layout], jnp.int32)
+  layout_sizes = {**LAYOUTS, "whole_tiles": WHOLE_TILES}[layout]
+  sizes = jnp.asarray(layout_sizes, jnp.int32)
   x, w, cotangent = _inputs(len(layout), dtype)
   upcast = [a.astype(jnp.float32) for a in (x, w, cotangent)]
   expected = _output_and_grads(*upcast[:2], sizes, upcast[2], impl="reference")
@@ -86,17 +90,20 @@ def test_matches_reference(layout: str, impl: str, dtype: jnp.dtype):
     assert a.dtype == dtype, name
     _assert_close(a, e, TOLERANCES[dtype], name)
   out, dx, dw = actual
-  used = sum(LAYOUTS[layout])
+  used = sum(layout_sizes)
   assert not np.any(np.asarray(out[used:])) and not np.any(np.asarray(dx[used:])), "rows past the sum"
-  empty = np.asarray(LAYOUTS[layout]) == 0
+  empty = np.asarray(layout_sizes) == 0
   assert not np.any(np.asarray(dw)[empty]), "empty groups"
 
 
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_kernels_write_every_element(transpose_rhs: bool):
-  """The kernels overwrite a NaN-poisoned output everywhere, rows past the sum and empty groups too."""
+  """The kernels overwrite a NaN-poisoned output everywhere, rows past the sum and empty groups too;
+  NaN in the input rows past the sum does not reach the output."""
   x, w, cotangent = _inputs(7, jnp.float32)
   sizes = jnp.asarray(LAYOUTS["empty_and_tail"], jnp.int32)
+  used = sum(LAYOUTS["empty_and_tail"])
+  x, cotangent = x.at[used:].set(jnp.nan), cotangent.at[used:].set(jnp.nan)
   offsets = grouped_matmul_pallas.group_offsets(sizes, ROWS)
   lhs, rhs = (cotangent, w) if transpose_rhs else (x, w)
   width = K if transpose_rhs else N

@@ -1,4 +1,7 @@
 """The MoE layer against a loop-over-tokens-and-experts reference, for every router and dispatch mode."""
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +51,8 @@ def reference(params, x, cfg: ModelConfig, cap: int | None = None):
     for e, w in zip(top, weights):
       taken[e] += 1
       if cap is None or taken[e] <= cap:
-        out[i] += w * swiglu(x_i, p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+        gate, up = np.split(p["w_gate_up"][e], 2, axis=1)
+        out[i] += w * swiglu(x_i, gate, up, p["w_down"][e])
     if cfg.moe.num_shared_experts:
       shared = swiglu(x_i, p["shared"]["gate"]["kernel"], p["shared"]["up"]["kernel"],
                       p["shared"]["down"]["kernel"])
@@ -157,3 +161,29 @@ def test_few_tokens_gather_expert_weights_with_the_grouped_results(monkeypatch):
   np.testing.assert_allclose(gathered[0], reference(params, x, cfg), rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(gathered), jax.tree.leaves(grouped)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_expert_weights_compute_what_their_fp32_copies_compute():
+  """expert_param_dtype=bfloat16 stores w_gate_up and w_down in bf16: with bf16 compute, the outputs
+  equal those of fp32 parameters holding the same values, and the expert gradients are those
+  gradients in bf16 (the fp32 path casts the weights to bf16 and the bf16 gradients back)."""
+  cfg32, cfg16 = (dataclasses.replace(moe_config(expert_param_dtype=d), compute_dtype="bfloat16")
+                  for d in ("float32", "bfloat16"))
+  x = jax.random.normal(jax.random.key(3), (2, TOKENS // 2, D_MODEL))
+  shapes = nn.meta.unbox(jax.eval_shape(MoE(cfg16).init, jax.random.key(4), x)["params"])
+  assert {shapes[n].dtype for n in ("w_gate_up", "w_down")} == {jnp.dtype(jnp.bfloat16)}
+  assert shapes["router"]["kernel"].dtype == jnp.float32
+  rng = np.random.default_rng(4)
+  params16 = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.3, s.dtype), shapes)
+  params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params16)
+  outs, grads = [], []
+  for cfg, params in ((cfg32, params32), (cfg16, params16)):
+    apply = lambda p, cfg=cfg: MoE(cfg).apply({"params": p}, x)[0]
+    out, grad = jax.jit(lambda p, apply=apply: (apply(p), jax.vjp(apply, p)[1](apply(p))[0]))(params)
+    outs.append(out)
+    grads.append(grad)
+  np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+  for name in ("w_gate_up", "w_down"):
+    assert grads[1][name].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grads[0][name].astype(jnp.bfloat16), np.float32),
+                                  np.asarray(grads[1][name], np.float32))

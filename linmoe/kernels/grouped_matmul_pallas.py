@@ -5,8 +5,8 @@ Rows of x are sorted by group and cut into tiles of `block_m` rows that may stra
 over the groups overlapping its rows and loads x with the other groups' rows masked to zero: every output
 element is written exactly once, and rows past the last group get zeros. The input gradient is the same
 kernel on dy with w read transposed. The weight gradient dw[e] = x_e^T dy_e is a "transposed" grouped
-matmul: one program per (expert, K tile, N tile) sums over the expert's rows, the largest experts first so
-that a skewed expert does not start last.
+matmul: one program per (expert, K tile, N tile) sums over the expert's rows, the largest experts first
+so that a skewed expert does not start last; its steps of whole tiles load unmasked.
 """
 
 import dataclasses
@@ -114,6 +114,10 @@ def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: in
                 transpose_rhs: bool):
   """One [bm, bn] tile of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the groups owning its rows.
 
+  Measured slower on the H100 at the A0.3B-2B shape (benchmarks/RESULTS.md): a second, unmasked loop
+  for tiles inside one group (Triton gives each loop its own shared memory, past the limit at these
+  tiles); each group's product kept by a select instead of masked loads (a second fp32 accumulator
+  spills: 0.52 -> 0.64 ms); a narrower last column tile as a second launch (x read twice: +3%).
   Refs: first, end [T]; offsets [E + 1]; x [M, R]; w [E, R, P] (or [E, P, R] when transposed); then an
   optional aliased initial output, ignored; out [M, P].
   """
@@ -197,15 +201,19 @@ def _tgmm_kernel(order_ref, offsets_ref, x_ref, dy_ref, *out_refs, bm: int, bn: 
   depth_ok = _in_bounds(depth_tile * bk, bk, depth) if depth % bk else None
   col_ok = _in_bounds(col_tile * bn, bn, width) if width % bn else None
 
-  def row_step(i, acc):
+  def row_step(i: jax.Array, acc: jax.Array, masked: bool) -> jax.Array:
     row_start = start + i * bm
-    row_ok = _in_bounds(row_start, bm, stop)
+    row_ok = _in_bounds(row_start, bm, stop) if masked else None
     a = _load(x_ref.at[pl.ds(row_start, bm), depth_block], mask=_mask(row_ok, depth_ok, (bm, bk)))
     b = _load(dy_ref.at[pl.ds(row_start, bm), col_block], mask=_mask(row_ok, col_ok, (bm, bn)))
     return acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=ACC_DTYPE)
 
-  num_steps = jax.lax.div(stop - start + bm - 1, bm)
-  acc = jax.lax.fori_loop(0, num_steps, row_step, jnp.zeros((bk, bn), ACC_DTYPE))
+  # Whole steps of bm rows load unmasked; a last partial step, if any, masks the rows past the expert.
+  num_full = jax.lax.div(stop - start, bm)
+  acc = jax.lax.fori_loop(0, num_full, functools.partial(row_step, masked=False),
+                          jnp.zeros((bk, bn), ACC_DTYPE))
+  acc = jax.lax.cond(start + num_full * bm < stop, functools.partial(row_step, num_full, masked=True),
+                     lambda acc: acc, acc)
   plgpu.store(dw_ref.at[expert, depth_block, col_block], acc.astype(dw_ref.dtype),
               mask=_mask(depth_ok, col_ok, (bk, bn)))
 

@@ -26,14 +26,19 @@ from linmoe.parallel import expert
 from linmoe.parallel.rules import dense_init, logical
 
 
+def swiglu_hidden(gate_up: jnp.ndarray) -> jnp.ndarray:
+  """[..., 2F] (gate then up projections) -> [..., F] silu(gate) * up."""
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  return jax.nn.silu(gate) * up
+
+
 def grouped_swiglu(xs: jnp.ndarray, weights: tuple, group_sizes: jnp.ndarray, impl: str) -> jnp.ndarray:
-  """SwiGLU experts on rows xs [rows, D] sorted by expert; weights (gate, up [E, D, F], down [E, F, D]);
+  """SwiGLU experts on rows xs [rows, D] sorted by expert; weights (gate_up [E, D, 2F], down [E, F, D]);
   group_sizes [E]. Rows past the sum of the group sizes give zeros. Gate and up run as one grouped
   matmul with N = 2F (x read once, one input-gradient kernel)."""
-  w_gate, w_up, w_down = weights
+  w_gate_up, w_down = weights
   gmm = lambda a, w: kernels.grouped_matmul(a, w, group_sizes, impl=impl)
-  gate, up = jnp.split(gmm(xs, jnp.concatenate([w_gate, w_up], axis=2)), 2, axis=1)
-  return gmm(jax.nn.silu(gate) * up, w_down)
+  return gmm(swiglu_hidden(gmm(xs, w_gate_up)), w_down)
 
 
 def gathered_swiglu(tokens: jnp.ndarray, experts: jnp.ndarray, weights: tuple) -> jnp.ndarray:
@@ -41,8 +46,8 @@ def gathered_swiglu(tokens: jnp.ndarray, experts: jnp.ndarray, weights: tuple) -
   slot: tokens [N, D], experts [N, k] -> [N*k, D] in slot order. Exact like the grouped path; for a few
   tokens (decoding) it reads N*k expert matrices instead of every expert's and launches no grouped
   kernel, so `MoE` takes it when the slots are no more than the experts (GATHER_MAX_SLOTS_PER_EXPERT)."""
-  w_gate, w_up, w_down = (w[experts] for w in weights)  # [N, k, D, F], [N, k, D, F], [N, k, F, D]
-  h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", tokens, w_gate)) * jnp.einsum("nd,nkdf->nkf", tokens, w_up)
+  w_gate_up, w_down = (w[experts] for w in weights)  # [N, k, D, 2F], [N, k, F, D]
+  h = swiglu_hidden(jnp.einsum("nd,nkdf->nkf", tokens, w_gate_up))
   return jnp.einsum("nkf,nkfd->nkd", h, w_down).reshape(-1, tokens.shape[-1])
 
 
@@ -69,10 +74,13 @@ class MoE(nn.Module):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1,
                                             out_axis=2, batch_axis=(0,))
     column, row = logical(init, "experts", "embed", "mlp"), logical(init, "experts", "mlp", "embed")
-    shape_in, shape_out = (moe.num_experts, cfg.d_model, moe.d_ff), (moe.num_experts, moe.d_ff,
-                                                                     cfg.d_model)
-    weights = tuple(self.param(n, i, s).astype(dtype) for n, i, s in (
-        ("w_gate", column, shape_in), ("w_up", column, shape_in), ("w_down", row, shape_out)))
+    shape_in, shape_out = (moe.num_experts, cfg.d_model, 2 * moe.d_ff), (moe.num_experts, moe.d_ff,
+                                                                         cfg.d_model)
+    # Gate and up stored side by side (no concatenation per call); in expert_param_dtype: in bf16 the
+    # cast below is free (the optimizer keeps fp32 masters).
+    param_dtype = jnp.dtype(moe.expert_param_dtype)
+    weights = tuple(self.param(n, i, s, param_dtype).astype(dtype) for n, i, s in (
+        ("w_gate_up", column, shape_in), ("w_down", row, shape_out)))
 
     tokens = tokens.astype(dtype)
     factor = moe.capacity_factor_train if self.training else moe.capacity_factor_eval
@@ -111,9 +119,8 @@ class MoE(nn.Module):
     row_of_slot = slots.experts[slots.inverse] * cap + jnp.minimum(rank, cap - 1)
     buffer = move_rows(tokens, slot_of_row, filled, row_of_slot, kept, self.cfg.moe.top_k)
     buffer = buffer.reshape(num_experts, cap, -1)
-    w_gate, w_up, w_down = weights
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer, w_gate)) * jnp.einsum(
-        "ecd,edf->ecf", buffer, w_up)
+    w_gate_up, w_down = weights
+    h = swiglu_hidden(jnp.einsum("ecd,edf->ecf", buffer, w_gate_up))
     out = jnp.einsum("ecf,efd->ecd", h, w_down).reshape(num_experts * cap, -1)
     ys = move_rows(out, row_of_slot, kept, slot_of_row, filled)
     return ys, 1.0 - jnp.mean(kept.astype(jnp.float32))

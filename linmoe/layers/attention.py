@@ -17,18 +17,18 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   [batch, seq] | None.
 
   Without segment ids: cuDNN flash attention on a GPU for bf16/fp16 and head dims it takes (multiples
-  of 8 up to 128), else XLA's (which forms the scores). With them, on a GPU: `packed_flash_attention`;
-  elsewhere XLA's with the mask causal AND same document. `jax.nn.dot_product_attention` (JAX 0.10 /
+  of 8 up to 128), else XLA's (which forms the scores). With them, in those cases `packed_flash_attention`
+  (its fp32 variant failed on the H100), elsewhere XLA's with the mask causal AND same document. `jax.nn.dot_product_attention` (JAX 0.10 /
   0.11) has no segment argument: its cuDNN path turns a `mask` into a dense [batch, 1, seq, seq] bias.
   """
-  on_gpu = jax.default_backend() == "gpu"
+  head_dim = q.shape[-1]
+  flash = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+           and head_dim % 8 == 0 and head_dim <= 128)
   if segment_ids is not None:
-    if on_gpu:
+    if flash:
       return packed_flash_attention(q, k, v, segment_ids)
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [batch, 1, seq, seq]
     return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
-  head_dim = q.shape[-1]
-  flash = on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
   return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                       implementation="cudnn" if flash else None)
 

@@ -1,8 +1,7 @@
-"""Softmax attention with segment ids on an NVIDIA GPU: `causal_attention` (JAX's Pallas flash kernel
-there) against XLA's masked attention in fp32, outputs and gradients, on packed rows.
-
-Tolerance, on max |actual - expected| / (1 + max |expected|): fp32 1e-4, bf16 2e-2 (against the same bf16
-values in fp32). Run: `python -m pytest -m gpu tests/gpu --noconftest`.
+"""Softmax attention with segment ids on an NVIDIA GPU: `causal_attention` in bf16 (JAX's Pallas flash
+kernel there) against XLA's masked attention in fp32 on the same bf16 values, outputs and gradients, on
+packed rows. Tolerance, on max |actual - expected| / (1 + max |expected|): 2e-2.
+Run: `python -m pytest -m gpu tests/gpu --noconftest`.
 """
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend")]
 
 BATCH, SEQ, HEADS, DIM = 2, 4000, 8, 128  # 4000: not a multiple of the kernel's block
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+TOL = 2e-2
 
 
 def _masked(q, k, v, ids):
@@ -24,8 +23,8 @@ def _masked(q, k, v, ids):
     return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
-def test_packed_attention_matches_masked(dtype):
+def test_packed_attention_matches_masked():
+  dtype = jnp.bfloat16
   rng = np.random.default_rng(0)
   lengths = [np.diff(np.sort(np.concatenate([[0, SEQ], rng.choice(np.arange(1, SEQ), 7, replace=False)])))
              for _ in range(BATCH)]
@@ -33,6 +32,7 @@ def test_packed_attention_matches_masked(dtype):
   q, k, v = jax.random.normal(jax.random.key(0), (3, BATCH, SEQ, HEADS, DIM))
   cotangent = jax.random.normal(jax.random.key(1), q.shape)
   low = [x.astype(dtype) for x in (q, k, v)]
+  assert "pallas_call" in str(jax.make_jaxpr(lambda *a: causal_attention(*a, segment_ids=ids))(*low))
   got, vjp = jax.vjp(lambda *a: causal_attention(*a, segment_ids=ids), *low)
   want, vjp_ref = jax.vjp(lambda *a: _masked(*a, ids), *(x.astype(jnp.float32) for x in low))
   pairs = [(got, want)] + list(zip(vjp(cotangent.astype(dtype)), vjp_ref(cotangent)))
@@ -41,4 +41,4 @@ def test_packed_attention_matches_masked(dtype):
     assert np.all(np.isfinite(a)), name
     err = np.max(np.abs(a - b)) / (1 + np.max(np.abs(b)))
     print(f"attention packed {np.dtype(dtype).name} {name}: {err:.2e}")
-    assert err < TOL[dtype], (name, err)
+    assert err < TOL, (name, err)

@@ -84,7 +84,8 @@ def device_events(xplane_path: str) -> list[tuple[str, float]]:
 def summarize_trace(trace_dir: str, hlo_text: str, top: int = 15) -> dict:
   """{"device_ms", "by_part": {part: {phase: ms}}, "top_ops": [[ms, part, name, stack]]} of the one
   step traced under `trace_dir` (phases: PHASES)."""
-  (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+             key=os.path.getmtime)  # the newest, where the directory holds earlier traces
   ops = hlo_ops(hlo_text)
   by_part = collections.defaultdict(lambda: dict.fromkeys(PHASES, 0.0))
   by_op = collections.Counter()

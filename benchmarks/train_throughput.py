@@ -13,7 +13,8 @@ the layer stack is one `nn.scan` where the LSM allows it.
 The JSON file is rewritten after every case, so a run cut short keeps what it measured. The step is
 compiled from abstract shapes first and its memory printed before any array is allocated
 (`--compile-only` stops there: a memory check without running). `--profile DIR` writes a trace of one
-step per case and adds the trace's device time by part of the model (benchmarks/trace_summary.py).
+step per case and adds the trace's device time by part of the model (benchmarks/trace_summary.py);
+it turns off XLA's CUDA graphs (command buffers) for the whole run, so that the trace shows kernels.
 
   python3 -m benchmarks.train_throughput --out results.json [--models gla,attention]
       [--seqs 2048,4096] [--tokens 65536] [--layers 12] [--steps 10] [--profile DIR] [--small]
@@ -153,6 +154,8 @@ def main() -> None:
   parser.add_argument("--profile", default=None, help="write a trace of one step per case here")
   parser.add_argument("--compile-only", action="store_true", help="compile and report memory only")
   args = parser.parse_args()
+  if args.profile:  # CUDA graphs hide their kernels from the trace: the whole run goes without them
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
   rows = []
   payload = {"device": jax.devices()[0].device_kind, "tokens_per_step": args.tokens, "rows": rows}
   print(f"device: {jax.devices()[0].device_kind}; {args.tokens} tokens per step")

@@ -1,7 +1,7 @@
 """Where one profiled step's device time goes: a `jax.profiler.trace` directory -> time by model part.
 
-Each device op event of the trace (the GPU plane's "XLA Ops" line, else its stream lines; the host's
-XLA threads on CPU) is matched by its HLO instruction name to the compiled module's text, whose
+Each kernel event of the trace (the GPU plane's stream lines, else its "XLA Ops" line; the host's XLA
+threads on CPU) is matched by its HLO instruction name to the compiled module's text, whose
 metadata holds the JAX name stack (e.g. `.../transpose(jvp(LinearMoELM))/layers/block_0/moe/...`),
 and the instruction's text says whether it is a matmul, a Pallas/Triton kernel or cuDNN attention.
 Parts (first rule that matches): MoE grouped matmuls (kernels and matmuls under `moe/`), MoE routing
@@ -63,22 +63,24 @@ def phase(op_name: str) -> str:
   return "backward" if "transpose(" in op_name else "forward"
 
 
-def device_events(xplane_path: str) -> list[tuple[str, float]]:
-  """(HLO instruction name, duration in ms) of every device op of a trace file."""
+def device_events(xplane_path: str) -> list[tuple[str | None, float]]:
+  """(HLO instruction name or None where the event names none, duration in ms) of every kernel of a
+  trace file: the device planes' stream lines (the host's XLA threads on CPU), else, where no stream
+  event names its HLO op, the "XLA Ops" line."""
   planes = list(ProfileData.from_file(xplane_path).planes)  # iterators, like their lines
   devices = [p for p in planes if p.name.startswith("/device:")]
-  events = []
+  streams, ops_line = [], []
   for plane in devices or [p for p in planes if p.name == "/host:CPU"]:
-    all_lines = list(plane.lines)
-    lines = [line for line in all_lines if line.name == "XLA Ops"] or [
-        line for line in all_lines if line.name.startswith(("Stream", "tf_XLA"))]
-    for line in lines:
-      for event in line.events:
-        stats = dict(event.stats)
-        name = stats.get("hlo_op") or (event.name if line.name == "XLA Ops" else None)
-        if name:
-          events.append((str(name).lstrip("%"), event.duration_ns / 1e6))
-  return events
+    for line in plane.lines:
+      if line.name.startswith(("Stream", "tf_XLA")) or line.name == "XLA Ops":
+        events = [(dict(e.stats).get("hlo_op"), e.duration_ns / 1e6) for e in line.events]
+        if line.name == "XLA Ops":
+          ops_line += [(name or e.name, ms) for (name, ms), e in zip(events, line.events)]
+        else:  # the host's threads also hold spans around whole executions: named ops only there
+          streams += [(name and str(name), ms) for name, ms in events if name or devices]
+  if not any(name for name, _ in streams):
+    streams = ops_line
+  return [(name and name.lstrip("%"), ms) for name, ms in streams]
 
 
 def summarize_trace(trace_dir: str, hlo_text: str, top: int = 15) -> dict:
@@ -88,21 +90,26 @@ def summarize_trace(trace_dir: str, hlo_text: str, top: int = 15) -> dict:
              key=os.path.getmtime)  # the newest, where the directory holds earlier traces
   ops = hlo_ops(hlo_text)
   by_part = collections.defaultdict(lambda: dict.fromkeys(PHASES, 0.0))
-  by_op = collections.Counter()
+  by_op, unattributed = collections.Counter(), 0.0
   for name, ms in device_events(path):
+    if name is None:
+      unattributed += ms
+      continue
     op_name, text = ops.get(name, ("", ""))
     if not _CONTROL.search(text):
       by_part[part(op_name, text)][phase(op_name)] += ms
       by_op[name] += ms
   top_ops = [[round(ms, 3), part(*ops.get(name, ("", ""))), name, ops.get(name, ("", ""))[0][-160:]]
              for name, ms in by_op.most_common(top)]
-  return {"device_ms": sum(by_op.values()), "by_part": dict(by_part), "top_ops": top_ops}
+  return {"device_ms": sum(by_op.values()), "unattributed_ms": unattributed, "by_part": dict(by_part),
+          "top_ops": top_ops}
 
 
 def format_summary(summary: dict) -> str:
   """A printable table of `summarize_trace`'s result."""
   total = summary["device_ms"] or 1.0
-  lines = [f"  device time {summary['device_ms']:.1f} ms: part, ms in " + ", ".join(PHASES) + ", share"]
+  lines = [f"  device time {summary['device_ms']:.1f} ms (+ {summary['unattributed_ms']:.1f} ms naming no "
+           "HLO op): part, ms in " + ", ".join(PHASES) + ", share"]
   for name, ms in sorted(summary["by_part"].items(), key=lambda kv: -sum(kv[1].values())):
     lines.append(f"  {name:>30} " + " ".join(f"{ms[p]:>9.1f}" for p in PHASES)
                  + f" {100 * sum(ms.values()) / total:>5.1f}%")

@@ -11,7 +11,6 @@ prompt of the sequence length (LSM memories are fixed, attention KV caches grow 
       [--tasks 128:8,256:16] [--steps 2000] [--small]
 """
 import argparse
-import json
 import time
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.train_throughput import write_json
 from linmoe.config import ModelConfig, default_config
 from linmoe.decode import cache_bytes, prefill
 from linmoe.model import LinearMoELM, init_params
@@ -110,6 +110,7 @@ def main() -> None:
     args.widths, args.tasks, args.batch = "64", "64:4", 32
   args.steps = args.steps or (300 if args.small else 1500)
   rows = []
+  payload = {"device": jax.devices()[0].device_kind, "steps": args.steps, "lr": args.lr, "rows": rows}
   print(f"device: {jax.devices()[0].device_kind}")
   print(f"{'model':>14} {'width':>5} {'seq':>5} {'pairs':>5} {'accuracy':>8} {'state KiB':>9} {'s':>6}")
   for name in args.models.split(","):
@@ -120,11 +121,9 @@ def main() -> None:
         row.update(train_and_score(model_config(name, width, min(64, seq)), seq, pairs, args.steps,
                                    args.batch, args.lr))
         rows.append(row)
+        write_json(args.out, payload)  # after every case: a run cut short keeps what it measured
         print(f"{name:>14} {width:>5} {seq:>5} {pairs:>5} {row['accuracy']:>8.3f} "
               f"{row['state_bytes'] / 1024:>9.1f} {row['train_s']:>6.0f}", flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "steps": args.steps, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ def compiled_bytes(compiled) -> int | None:
 
 def measure(cfg: ModelConfig, train_config, batch: int, seq: int, steps: int,
             profile_dir: str | None, compile_only: bool = False) -> dict:
+  """One case: compile the train step from abstract shapes (its memory before any allocation), then
+  time `steps` steps on random tokens [batch, seq] after a warm-up; the row's fields, or only
+  compile_s and step_memory_gib with `compile_only`."""
   model = LinearMoELM(cfg)
   tx = make_optimizer(train_config)
   init = functools.partial(init_params, model)

@@ -13,14 +13,13 @@ same size whatever the context. Out-of-memory cases are reported, not fatal.
 import argparse
 import functools
 import importlib
-import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_throughput import add_model_arguments, model_config
+from benchmarks.train_throughput import add_model_arguments, model_config, write_json
 from linmoe.decode import cache_bytes, decode_step, prefill
 from linmoe.model import LinearMoELM, init_params
 
@@ -58,6 +57,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=50)
   args = parser.parse_args()
   rows = []
+  payload = {"device": jax.devices()[0].device_kind, "rows": rows}
   print(f"device: {jax.devices()[0].device_kind}")
   print(f"{'model':>12} {'batch':>5} {'context':>8} {'ms/token':>9} {'tok/s':>9} {'state MiB':>10}")
   for name in args.models.split(","):
@@ -74,9 +74,7 @@ def main() -> None:
           row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
           print(f"{name:>12} {batch:>5} {context:>8} {row['error']}", flush=True)
         rows.append(row)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+        write_json(args.out, payload)  # after every case: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def _strict_gram(k: jax.Array, b: jax.Array, pairs: jax.Array, dtype: jnp.dtype)
 
 def _strict_pairs(chunk: int, doc: jax.Array | None) -> jax.Array:
   """[C, C] bool, j < i and (with the document index doc [C, 1]) i, j in one document: the entries of L."""
-  return seg.both(_tile.row_ids(chunk) > _tile.col_ids(chunk), seg.same_doc(doc))
+  return _tile.both(_tile.row_ids(chunk) > _tile.col_ids(chunk), _tile.same_document(doc, doc))
 
 
 def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
@@ -66,9 +66,9 @@ def _lower_block(k: list, b: list, beta: list, doc: list, a: int, c: int, dtype:
   """L_ac = diag(beta_a) (K_a K_c^T * Gamma_ac), the (a, c) block of L (c <= a; strictly lower when c = a),
   over the pairs of one document; the lists hold each block's rows of k [SUB, K], b, beta [SUB, 1] fp32 and
   the document index [SUB, 1] (or None)."""
-  pairs = seg.same_doc(doc[a], doc[c])
+  pairs = _tile.same_document(doc[a], doc[c])
   if a == c:
-    pairs = seg.both(_tile.row_ids(SUB) > _tile.col_ids(SUB), pairs)
+    pairs = _tile.both(_tile.row_ids(SUB) > _tile.col_ids(SUB), pairs)
   exponent = b[a] - jnp.transpose(b[c])
   decay = jnp.exp(exponent) if pairs is None else _tile.masked_exp(pairs, exponent)
   return beta[a] * _tile.dot(k[a], k[c], dtype, trans_b=True) * decay
@@ -209,8 +209,9 @@ def _local_value_grad_kernel(q_ref, k_ref, b_ref, do_ref, *refs, scale: float, d
   """Refs: q, k [C, K], b [C, 1] fp32, do [C, BV], (segmented) the document index [C, 1] int32; output [C, BV]
   fp32."""
   doc_ref, (out_ref,) = seg.split_refs(refs, segmented)
-  scores = seg.keep(seg.same_doc(None if doc_ref is None else doc_ref[...]),
-                    _tile.scalar_decay_scores(q_ref[...], k_ref[...], b_ref[...], dtype))
+  doc = None if doc_ref is None else doc_ref[...]
+  scores = _tile.scalar_decay_scores(q_ref[...], k_ref[...], b_ref[...], dtype,
+                                     same=_tile.same_document(doc, doc))
   out_ref[...] = scale * _tile.dot(scores, do_ref[...], dtype, trans_a=True)
 
 

@@ -24,7 +24,7 @@ _CHUNK, _FEATURE, _FIRST = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
 
 def _scores(q: jax.Array, k: jax.Array, b: jax.Array, doc: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
   """Causal scores (q_i . k_j) e^{b_i - b_j} of the pairs of one document, [C, C] fp32."""
-  return seg.keep(seg.same_doc(doc), _tile.scalar_decay_scores(q, k, b, dtype))
+  return _tile.scalar_decay_scores(q, k, b, dtype, same=_tile.same_document(doc, doc))
 
 
 def _total(x: jax.Array) -> jax.Array:
@@ -60,7 +60,8 @@ def _dqk_kernel(q_ref, k_ref, d_ref, do_ref, b_ref, h_ref, dh_ref, *refs, scale:
   dk = seg.keep(seg.in_last(doc, doc_end), jnp.exp(b_end - b)) * _tile.dot(delta, dh, dtype, trans_b=True)
   d_end = seg.keep(seg.carries(doc_end), jnp.exp(b_end)) * _total(h * dh) + _total(k * dk)
   d_scores = scale * _tile.dot(do, delta, dtype, trans_b=True)
-  d_scores *= seg.keep(seg.same_doc(doc), _tile.masked_exp(_tile.causal(chunk), b - jnp.transpose(b)))
+  pairs = _tile.both(_tile.causal(chunk), _tile.same_document(doc, doc))
+  d_scores *= _tile.masked_exp(pairs, b - jnp.transpose(b))
   dq += _tile.dot(d_scores, k, dtype)
   dk += _tile.dot(d_scores, q, dtype, trans_a=True)
   db = jnp.sum(q * dq - k * dk, axis=1, keepdims=True)

@@ -41,14 +41,6 @@ def split_refs(refs: tuple, segmented: bool) -> tuple:
   return (refs[0], refs[1:]) if segmented else (None, refs)
 
 
-def same_doc(doc: jax.Array | None, doc_cols: jax.Array | None = None) -> jax.Array | None:
-  """[R (i), R' (j)] bool, tokens i and j in one document, from the index of the rows i [R, 1] and of the
-  columns j [R', 1] (default: the rows')."""
-  if doc is None:
-    return None
-  return doc == jnp.transpose(doc if doc_cols is None else doc_cols)
-
-
 def reads_prev(doc: jax.Array | None) -> jax.Array | None:
   """[C, 1] bool, the token reads the incoming chunk state."""
   return None if doc is None else doc == 0
@@ -62,11 +54,6 @@ def in_last(doc: jax.Array | None, doc_end: jax.Array | None) -> jax.Array | Non
 def carries(doc_end: jax.Array | None) -> jax.Array | None:
   """[1, 1] bool, the chunk has no boundary, so the incoming state passes through it."""
   return None if doc_end is None else doc_end == 0
-
-
-def both(mask: jax.Array, other: jax.Array | None) -> jax.Array:
-  """mask & other, or mask when other is None."""
-  return mask if other is None else mask & other
 
 
 def keep(mask: jax.Array | None, x: jax.Array) -> jax.Array:

@@ -10,13 +10,13 @@ projections, so "equal" means equal width, depth, MoE and tokens; the counts say
       [--steps 2000] [--small]
 """
 import argparse
-import json
 import math
 import os
 import tempfile
 
 import jax
 
+from benchmarks.train_throughput import write_json
 from configs import tiny
 from linmoe.data.dataset import PackedDataset
 from linmoe.data.packing import pack_documents
@@ -47,7 +47,7 @@ def held_out_loss(trainer: Trainer, params, documents: list[str], batches: int) 
   """Mean token loss of `params` over packed windows of `documents` (the trainer's tokenizer)."""
   tokenizer = trainer.data.tokenizer
   tokens = pack_documents(tokenizer.encode_batch(documents), tokenizer.eod_id)
-  dataset = PackedDataset(tokens, trainer.config.train.seq_len, seed=0)
+  dataset = PackedDataset(tokens, trainer.config.train.seq_len, seed=0, eod_id=tokenizer.eod_id)
   batch_size = min(trainer.config.train.batch_size, dataset.num_windows)
   loss_sum = count = 0.0
   for batch in dataset.eval_batches(batch_size, batches):
@@ -66,6 +66,7 @@ def main() -> None:
   steps = args.steps or (100 if args.small else 2000)
   reference = reference_documents()
   rows = []
+  payload = {"device": jax.devices()[0].device_kind, "rows": rows}
   print(f"device: {jax.devices()[0].device_kind}; {steps} steps each")
   with tempfile.TemporaryDirectory() as root:
     for name in args.models.split(","):
@@ -77,13 +78,11 @@ def main() -> None:
                    "tokens": steps * trainer.config.train.batch_size * trainer.config.train.seq_len,
                    "kjv_held_out_loss": in_domain, "python_reference_loss": other,
                    "python_reference_ppl": math.exp(other)})
+      write_json(args.out, payload)  # after every model: a run cut short keeps what it measured
   print(f"{'model':>22} {'params':>11} {'KJV held-out':>12} {'Python ref':>10}")
   for row in rows:
     print(f"{row['model']:>22} {row['params']:>11,} {row['kjv_held_out_loss']:>12.3f} "
           f"{row['python_reference_loss']:>10.3f}")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

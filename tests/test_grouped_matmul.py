@@ -161,11 +161,12 @@ def test_mosaic_tile_schedule(seed: int):
   for _ in range(8):
     sizes = rng.integers(0, rows // 3, GROUPS) * (rng.random(GROUPS) < 0.7)  # some groups empty
     schedule = np.asarray(grouped_matmul_mosaic.tile_schedule(jnp.asarray(sizes, jnp.int32), rows, block))
-    assert schedule.shape == (4, rows // block + GROUPS)
+    assert schedule.shape == (4, rows // block + 2 * (GROUPS + 1))
     owner = np.full(rows, -1)
-    for group, tile, lo, hi in schedule.T:
-      assert 0 <= lo <= hi <= block and (group >= 0 or lo == hi)
-      rows_of_pass = np.arange(tile * block + lo, tile * block + hi)
+    for group, base, lo, hi in schedule.T:
+      assert 0 <= lo <= hi <= block and 0 <= base <= rows - block and (group >= 0 or lo == hi)
+      assert base % grouped_matmul_mosaic.ROW_ALIGN == 0
+      rows_of_pass = np.arange(base + lo, base + hi)
       assert np.all(owner[rows_of_pass] == -1), "a row computed twice"
       owner[rows_of_pass] = group
     np.testing.assert_array_equal(owner, np.repeat(np.arange(GROUPS + 1), [*sizes, rows - sizes.sum()]))

@@ -5,12 +5,12 @@ imports on any backend. Shapes the kernels do not tile raise `Unsupported`, whic
 reason to fall back to the Pallas (Triton) kernels.
 
 Forward and input gradient (`gmm`): a persistent kernel, one CTA per SM, three warpgroups: one issues TMA
-loads, two each compute a [tile_m, tile_n] half of a [2 * tile_m, tile_n] output tile with wgmma. The row
-tiles of x are cut at multiples of 2 * tile_m; a tile that straddles groups is computed once per group it
-overlaps (a schedule built by XLA, `tile_schedule`), and each pass stores only its group's rows, through
-a ladder of TMA stores of 2^i rows; a warpgroup whose half of the tile holds none of the pass's rows
-skips its products. Rows past sum(group_sizes) form one extra group whose tiles skip the wgmma and store
-zeros.
+loads, two each compute a [tile_m, tile_n] half of a [2 * tile_m, tile_n] output tile with wgmma.
+Each group's row tiles start at its first row (a schedule built by XLA, `tile_schedule`); a group's
+last tile runs into the next group's rows, computes them with this group's weights and stores only its
+own, through a ladder of TMA stores of 2^i rows; a warpgroup whose half of the tile holds none of the
+group's rows skips its products. Rows past sum(group_sizes) form one extra group whose tiles skip the
+wgmma and store zeros.
 
 Weight gradient (`tgmm`): dw[e] = x_e^T dy_e, one [block_k, block_n] tile of dw[e] per loop step, summed
 over the group's rows in steps of block_m, the first and last steps' rows of other groups zeroed in
@@ -30,6 +30,7 @@ from linmoe.kernels.grouped_matmul_pallas import group_offsets
 
 ACC_DTYPE = jnp.float32
 NUM_COMPUTE_WGS = 2  # Compute warpgroups per CTA; one more issues the loads.
+ROW_ALIGN = 8  # Row tiles of x start at multiples of this (its shared-memory tiling).
 MEMORY_REGISTERS = 40  # Registers per thread left to the load warpgroup (as JAX's Hopper matmul).
 
 
@@ -129,41 +130,46 @@ def check_supported(x: jax.Array, w: jax.Array, config: Config = Config()) -> No
 
 
 def tile_schedule(group_sizes: jax.Array, num_rows: int, block: int) -> jax.Array:
-  """Which (row tile, group) pair each step of the forward kernel's M axis computes.
+  """The row tile each step of the forward kernel's M axis computes, and the group it computes it for.
 
-  Groups are the E given ones and one more holding the rows past their sum. A tile of `block` rows
-  overlapping several groups appears once per group, in order.
+  Each group's tiles start at its first row (rounded down to a multiple of ROW_ALIGN, as the TMA tiling
+  of x needs) and step by `block` rows, so that every row is computed for its own group about once
+  (tiles cut at multiples of `block` would compute each tile straddling two groups twice); a tile that
+  would run past the last row is moved back to end there. A tile's rows outside [lo, hi) belong to other
+  groups and are not stored. Groups are the E given ones and one more holding the rows past their sum.
 
   Args:
     group_sizes: [E] int rows per group.
-    num_rows: M, a multiple of block.
+    num_rows: M, a multiple of block (at least block).
     block: rows per tile.
 
   Returns:
-    [4, M / block + E] int32 rows: group (E for the rows past the sum, -1 for unused steps), row tile,
-    and the first and end row of the group inside the tile (0 <= lo <= hi <= block).
+    [4, M / block + 2 (E + 1)] int32 rows: group (E for the rows past the sum, -1 for unused steps), the
+    tile's first row (a multiple of ROW_ALIGN), and the first and end row of the group inside the tile
+    (0 <= lo <= hi <= block).
   """
-  offsets = group_offsets(group_sizes, num_rows)
-  starts = offsets
-  ends = jnp.concatenate([offsets[1:], jnp.full((1,), num_rows, jnp.int32)])
-  first = starts // block
-  count = jnp.where(ends > starts, (ends - 1) // block - first + 1, 0)
+  starts = group_offsets(group_sizes, num_rows)
+  ends = jnp.concatenate([starts[1:], jnp.full((1,), num_rows, jnp.int32)])
+  aligned = starts // ROW_ALIGN * ROW_ALIGN
+  count = jnp.where(ends > starts, (ends - aligned + block - 1) // block, 0)
   tile_end = jnp.cumsum(count)
-  steps = jnp.arange(num_rows // block + group_sizes.shape[0], dtype=jnp.int32)
+  # Each of the E + 1 groups adds less than one tile of its own plus ROW_ALIGN - 1 rows: at most 2 tiles.
+  steps = jnp.arange(num_rows // block + 2 * starts.shape[0], dtype=jnp.int32)
   group = jnp.searchsorted(tile_end, steps, side="right", method="compare_all").astype(jnp.int32)
   used = group < starts.shape[0]
   g = jnp.minimum(group, starts.shape[0] - 1)
-  tile = first[g] + steps - (tile_end[g] - count[g])
-  lo = jnp.clip(starts[g] - tile * block, 0, block)
-  hi = jnp.clip(ends[g] - tile * block, 0, block)
-  return jnp.stack([jnp.where(used, group, -1), jnp.where(used, tile, 0), jnp.where(used, lo, 0),
-                    jnp.where(used, hi, 0)]).astype(jnp.int32)
+  first_row = jnp.maximum(starts[g], aligned[g] + (steps - (tile_end[g] - count[g])) * block)
+  base = jnp.minimum(aligned[g] + (steps - (tile_end[g] - count[g])) * block, num_rows - block)
+  hi = jnp.minimum(ends[g] - base, block)
+  rows = [jnp.where(used, group, -1)] + [jnp.where(used, r, 0) for r in (base, first_row - base, hi)]
+  return jnp.stack(rows).astype(jnp.int32)
 
 
 def _launch(plgpu, body, operands: tuple, out_type: jax.ShapeDtypeStruct, out: jax.Array | None,
             **mesh) -> jax.Array:
-  """Runs a Warpgroup-semantics kernel on every SM. With `out`, the kernel writes into a copy of it
-  (passed as a mutable ref), so that elements it leaves unwritten keep out's values (tests poison it)."""
+  """Runs a Warpgroup-semantics kernel on every SM (`mesh`: more `plgpu.kernel` mesh arguments). With
+  `out`, the kernel writes into a copy of it (passed as a mutable ref), so that elements it leaves
+  unwritten keep out's values (tests poison it)."""
   params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
   launch = functools.partial(plgpu.kernel, body, grid=(_num_sms(),), grid_names=("sm",),
                              compiler_params=params, **mesh)
@@ -228,7 +234,7 @@ def _gmm_kernel(schedule_gmem, x_gmem, w_gmem, out_gmem, *, tiling: GmmTiling, t
     def _loop(info):
       snake = tiling.grid_tile_width or width // tn
       step, col = plgpu.planar_snake(info.index[0], (num_steps, width // tn), 1, snake)
-      group, tile = schedule_gmem[0, step], schedule_gmem[1, step]
+      group, base = schedule_gmem[0, step], pl.multiple_of(schedule_gmem[1, step], ROW_ALIGN)
       lo, hi = schedule_gmem[2, step], schedule_gmem[3, step]
       # The extra group (rows past the sum) stores zeros; a warpgroup none of whose rows are the group's
       # skips its products (in a tile straddling groups, about half the repeated work).
@@ -248,7 +254,7 @@ def _gmm_kernel(schedule_gmem, x_gmem, w_gmem, out_gmem, *, tiling: GmmTiling, t
             plgpu.commit_smem()
             chunk_lo = jnp.clip(lo - first_row, 0, em)
             chunk_hi = jnp.maximum(chunk_lo, jnp.clip(hi - first_row, 0, em))
-            dst = out_gmem.at[pl.ds(tile * cta_m + first_row, em), cols]
+            dst = out_gmem.at[pl.ds(base + first_row, em), cols]
             _store_rows(plgpu, out_smem.at[wg], dst, chunk_lo, chunk_hi, em)
 
       def mma(_, a_smem, b_smem, acc_ref):
@@ -264,7 +270,7 @@ def _gmm_kernel(schedule_gmem, x_gmem, w_gmem, out_gmem, *, tiling: GmmTiling, t
 
       @pl.when(group >= 0)
       def _():
-        pipeline(mma, compute_context)(x_gmem.at[pl.ds(tile * cta_m, cta_m), :], b_src,
+        pipeline(mma, compute_context)(x_gmem.at[pl.ds(base, cta_m), :], b_src,
                                        allocations=allocations)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -292,7 +298,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tiling: GmmTiling = 
   schedule = tile_schedule(group_sizes, num_rows, NUM_COMPUTE_WGS * tiling.tile_m)
   body = functools.partial(_gmm_kernel, tiling=tiling, transpose_rhs=transpose_rhs, num_groups=w.shape[0])
   return _launch(plgpu, body, (schedule, x, w), jax.ShapeDtypeStruct((num_rows, width), x.dtype), out,
-                 num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg")
+                 num_threads=NUM_COMPUTE_WGS + 1, thread_name="wg", kernel_name="grouped_matmul_mosaic")
 
 
 def _row_blocks(offsets: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
@@ -381,7 +387,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, tiling: TgmmTiling
   first, count = _row_blocks(offsets, tiling.block_m)
   out_type = jax.ShapeDtypeStruct((group_sizes.shape[0], depth, width), dtype or x.dtype)
   return _launch(plgpu, functools.partial(_tgmm_kernel, tiling=tiling), (offsets, first, count, x, dy),
-                 out_type, out)
+                 out_type, out, kernel_name="grouped_matmul_weight_grad_mosaic")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -153,13 +153,14 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block: int) -> jax.Arra
   aligned = starts // ROW_ALIGN * ROW_ALIGN
   count = jnp.where(ends > starts, (ends - aligned + block - 1) // block, 0)
   tile_end = jnp.cumsum(count)
-  # Each of the E + 1 groups adds less than one tile of its own plus ROW_ALIGN - 1 rows: at most 2 tiles.
+  # A group of s rows takes ceil((s + ROW_ALIGN - 1) / block) < s / block + 2 tiles.
   steps = jnp.arange(num_rows // block + 2 * starts.shape[0], dtype=jnp.int32)
   group = jnp.searchsorted(tile_end, steps, side="right", method="compare_all").astype(jnp.int32)
   used = group < starts.shape[0]
   g = jnp.minimum(group, starts.shape[0] - 1)
-  first_row = jnp.maximum(starts[g], aligned[g] + (steps - (tile_end[g] - count[g])) * block)
-  base = jnp.minimum(aligned[g] + (steps - (tile_end[g] - count[g])) * block, num_rows - block)
+  tile_start = aligned[g] + (steps - (tile_end[g] - count[g])) * block
+  base = jnp.minimum(tile_start, num_rows - block)
+  first_row = jnp.maximum(starts[g], tile_start)
   hi = jnp.minimum(ends[g] - base, block)
   rows = [jnp.where(used, group, -1)] + [jnp.where(used, r, 0) for r in (base, first_row - base, hi)]
   return jnp.stack(rows).astype(jnp.int32)
@@ -237,7 +238,7 @@ def _gmm_kernel(schedule_gmem, x_gmem, w_gmem, out_gmem, *, tiling: GmmTiling, t
       group, base = schedule_gmem[0, step], pl.multiple_of(schedule_gmem[1, step], ROW_ALIGN)
       lo, hi = schedule_gmem[2, step], schedule_gmem[3, step]
       # The extra group (rows past the sum) stores zeros; a warpgroup none of whose rows are the group's
-      # skips its products (in a tile straddling groups, about half the repeated work).
+      # (at a group's first or last tile) skips its products.
       computes = (group < num_groups) & (lo < (wg + 1) * tm) & (hi > wg * tm)
       wg_rows = pl.ds(wg * tm, tm)
       cols = pl.ds(col * tn, tn)

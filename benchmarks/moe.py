@@ -1,13 +1,14 @@
 """MoE benchmark: the A0.3B-2B expert grouped matmul and the whole MoE layer on the GPU (issue #6, part 7).
 
-Kernel rows: one grouped matmul [tokens * top_k, d_model] x [experts, d_model, d_ff] through
-`jax.lax.ragged_dot` and the Pallas kernel, and a dense XLA matmul of the same FLOPs, forward and
-forward+backward, with even groups and with one expert holding 10x its share.
+Kernel rows: one grouped matmul [tokens * top_k, d_model] x [experts, d_model, d_ff] through each of
+--impls (`jax.lax.ragged_dot`, the Pallas (Triton) kernels, the Mosaic GPU kernels), and a dense XLA
+matmul of the same FLOPs, forward and forward+backward, with even groups and with one expert holding
+10x its share.
 Layer rows (--layers): the MoE layer (router, permutation, three expert matmuls, combine) as training
 runs it (bf16 compute, expert weights stored in bf16: `model.moe.expert_param_dtype`), dropless with the
-Pallas kernel (also with fp32 expert weights cast in every call, and through plain ragged_dot when
---impls names it), in capacity mode (factor 1.25), and a dense SwiGLU MLP of the same active FLOPs
-(d_ff = top_k * expert d_ff), with the compiled forward+backward's memory.
+grouped matmul "auto" picks (also with fp32 expert weights cast in every call, and through each other
+implementation --impls names), in capacity mode (factor 1.25), and a dense SwiGLU MLP of the same
+active FLOPs (d_ff = top_k * expert d_ff), with the compiled forward+backward's memory.
 Prints tables and writes JSON to --out.
 
   python3 -m benchmarks.moe --out moe.json [--sweep] [--layers] [--hlo-dir DIR]
@@ -29,7 +30,9 @@ import numpy as np
 
 from linmoe import kernels
 from linmoe.config import ModelConfig, default_config
+from linmoe.kernels import grouped_matmul_mosaic as gmm_mosaic
 from linmoe.kernels import grouped_matmul_pallas as gmp
+from linmoe.kernels.grouped_matmul import auto_impl
 from linmoe.layers import moe as moe_layer
 from linmoe.layers.mlp import SwiGLU
 from linmoe.layers.moe import MoE
@@ -200,14 +203,15 @@ def large_arrays(hlo: str, shapes: dict[str, str]) -> dict[str, list[str]]:
   return found
 
 
-def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None, ragged_dot: bool) -> list[dict]:
+def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None, impls: list[str]) -> list[dict]:
   """Forward and forward+backward ms, TFLOP/s (active expert FLOPs), compiled memory and, for the MoE
   layers, the count of [tokens, experts] and [tokens * k, d_model] arrays in the optimized HLO.
 
   The MoE layers run as the A0.3B-2B preset trains them: bf16 compute, expert weights stored in bf16
   (`model.moe.expert_param_dtype`, fp32 masters in the optimizer, outside the layer); one row keeps
   fp32 expert weights, cast to bf16 in every call. The dense MLP's weights are fp32 as in training.
-  `ragged_dot`: also the dropless layer through plain ragged_dot (slow; its backward runs out of memory).
+  `impls`: also the dropless layer through each of these grouped matmuls other than the one "auto" picks
+  (plain ragged_dot is slow; its backward runs out of memory).
   """
   kx, kc, kp = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(kx, (1, shape.tokens, shape.d_model), dtype)
@@ -221,8 +225,8 @@ def run_layers(shape: Shape, dtype: jnp.dtype, hlo_dir: str | None, ragged_dot: 
       ("moe capacity 1.25", MoE(layer_config(shape, "capacity", "auto"))),
       ("dense swiglu", SwiGLU(layer_config(shape, "dropless", "auto"), d_ff=shape.top_k * shape.d_ff)),
   ]
-  if ragged_dot:
-    layers.insert(2, ("moe dropless, ragged_dot", MoE(layer_config(shape, "dropless", "ragged_dot"))))
+  for impl in [i for i in impls if i != auto_impl(dtype)]:
+    layers.insert(2, (f"moe dropless, {impl}", MoE(layer_config(shape, "dropless", impl))))
   # Diagnostic: the dropless layer with its expert function replaced by the identity, i.e. the router,
   # permutation and combine alone (the expert weights then get no gradient).
   layers.append(("moe dropless, no experts", MoE(layer_config(shape, "dropless", "auto"))))
@@ -305,7 +309,8 @@ def main() -> None:
   parser.add_argument("--d-ff", type=int, default=896)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--sweep", action="store_true", help="also time the Pallas tilings of SWEEP_*")
-  parser.add_argument("--impls", default="ragged_dot,pallas", help="grouped matmuls of the kernel rows")
+  parser.add_argument("--impls", default="ragged_dot,pallas,mosaic",
+                      help="grouped matmuls of the kernel rows")
   parser.add_argument("--layers", action="store_true", help="also time the whole MoE layer")
   parser.add_argument("--hlo-dir", help="write the MoE layers' optimized HLO here")
   parser.add_argument("--out", help="JSON file for the results")
@@ -315,12 +320,13 @@ def main() -> None:
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {shape}, {dtype}", flush=True)
   result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "shape": dataclasses.asdict(shape), "dtype": dtype.name,
-            "config": dataclasses.asdict(gmp.Config())}
+            "config": dataclasses.asdict(gmp.Config()),
+            "mosaic_config": dataclasses.asdict(gmm_mosaic.Config())}
   if args.sweep:
     result["sweep"] = run_sweep(shape, dtype)
   result["rows"] = run_table(shape, dtype, args.impls.split(","))
   if args.layers:
-    result["layers"] = run_layers(shape, dtype, args.hlo_dir, "ragged_dot" in args.impls.split(","))
+    result["layers"] = run_layers(shape, dtype, args.hlo_dir, args.impls.split(","))
   print_table(result["rows"])
   if args.layers:
     print_layers(result["layers"])

@@ -14,7 +14,7 @@ KERNEL_IMPLS = ("auto", "naive", "chunked", "pallas")
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "sequence")
 ROUTERS = ("softmax", "sigmoid")
 DISPATCH_MODES = ("dropless", "capacity")
-GMM_IMPLS = ("auto", "ragged_dot", "pallas", "reference")
+GMM_IMPLS = ("auto", "ragged_dot", "pallas", "mosaic", "reference")
 MOM_INNER = ("gla", "deltanet", "gated_deltanet")
 # none: keep every activation; block: recompute each block in the backward pass from its input;
 # save_matmuls: recompute, but keep the outputs of matmuls without batch dimensions.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
-from linmoe.kernels import grouped_matmul_pallas
+from linmoe.kernels import grouped_matmul_mosaic, grouped_matmul_pallas
 
 ROWS, K, N, GROUPS = 37, 24, 40, 5
 TILE_16 = grouped_matmul_pallas.Tiling(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
@@ -122,11 +122,54 @@ def test_tile_group_ranges():
   np.testing.assert_array_equal(end, [2, 4, 4])
 
 
-@pytest.mark.parametrize(("backend", "dtype", "expected"), [
-    ("cpu", jnp.bfloat16, "ragged_dot"), ("gpu", jnp.bfloat16, "pallas"), ("gpu", jnp.float32, "ragged_dot")])
-def test_auto_rule(monkeypatch, backend: str, dtype: jnp.dtype, expected: str):
+@pytest.mark.parametrize(("backend", "architecture", "dtype", "expected"), [
+    ("cpu", "other", jnp.bfloat16, "ragged_dot"), ("gpu", "other", jnp.bfloat16, "pallas"),
+    ("gpu", "hopper", jnp.bfloat16, "mosaic"), ("gpu", "hopper", jnp.float32, "ragged_dot")])
+def test_auto_rule(monkeypatch, backend: str, architecture: str, dtype: jnp.dtype, expected: str):
+  module = importlib.import_module("linmoe.kernels.grouped_matmul")
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  assert importlib.import_module("linmoe.kernels.grouped_matmul").auto_impl(dtype) == expected
+  monkeypatch.setattr(module, "_architecture", lambda: architecture)
+  assert module.auto_impl(dtype) == expected
+
+
+def test_auto_falls_back_where_mosaic_does_not_tile(monkeypatch):
+  """On a Hopper GPU "auto" takes "pallas" for rows, K or N off the Mosaic tiles; "mosaic" itself raises."""
+  module = importlib.import_module("linmoe.kernels.grouped_matmul")
+  monkeypatch.setattr(module, "auto_impl", lambda dtype: "mosaic")
+  tiled = (jax.ShapeDtypeStruct((512, 128), jnp.bfloat16),
+           jax.ShapeDtypeStruct((GROUPS, 128, 256), jnp.bfloat16))
+  assert module._auto_for(*tiled) == "mosaic"  # pylint: disable=protected-access
+  for x_shape, w_shape in [((ROWS, 128), (GROUPS, 128, 256)), ((512, K), (GROUPS, K, 256)),
+                           ((512, 128), (GROUPS, 128, N))]:
+    x, w = jax.ShapeDtypeStruct(x_shape, jnp.bfloat16), jax.ShapeDtypeStruct(w_shape, jnp.bfloat16)
+    assert module._auto_for(x, w) == "pallas", (x_shape, w_shape)  # pylint: disable=protected-access
+    with pytest.raises(grouped_matmul_mosaic.Unsupported, match="not a multiple"):
+      grouped_matmul_mosaic.check_supported(x, w)
+  with pytest.raises(grouped_matmul_mosaic.Unsupported, match="bf16 or fp16"):
+    grouped_matmul_mosaic.check_supported(jax.ShapeDtypeStruct((512, 128), jnp.float32), tiled[1])
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a Hopper GPU"):
+      kernels.grouped_matmul(jnp.zeros((512, 128), jnp.bfloat16), jnp.zeros((GROUPS, 128, 256), jnp.bfloat16),
+                             jnp.zeros((GROUPS,), jnp.int32), impl="mosaic")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mosaic_tile_schedule(seed: int):
+  """Every row is computed by exactly the pass of its own group; rows past the sum by the extra group."""
+  rng = np.random.default_rng(seed)
+  block, rows = 16, 16 * 6
+  for _ in range(8):
+    sizes = rng.integers(0, rows // 3, GROUPS) * (rng.random(GROUPS) < 0.7)  # some groups empty
+    schedule = np.asarray(grouped_matmul_mosaic.tile_schedule(jnp.asarray(sizes, jnp.int32), rows, block))
+    assert schedule.shape == (4, rows // block + 2 * (GROUPS + 1))
+    owner = np.full(rows, -1)
+    for group, base, lo, hi in schedule.T:
+      assert 0 <= lo <= hi <= block and 0 <= base <= rows - block and (group >= 0 or lo == hi)
+      assert base % grouped_matmul_mosaic.ROW_ALIGN == 0
+      rows_of_pass = np.arange(base + lo, base + hi)
+      assert np.all(owner[rows_of_pass] == -1), "a row computed twice"
+      owner[rows_of_pass] = group
+    np.testing.assert_array_equal(owner, np.repeat(np.arange(GROUPS + 1), [*sizes, rows - sizes.sum()]))
 
 
 @pytest.mark.parametrize(("x_shape", "w_shape", "sizes_shape", "match"), [
@@ -150,5 +193,5 @@ def test_dtype_errors():
 
 def test_unknown_impl():
   x, w = jnp.zeros((ROWS, K)), jnp.zeros((GROUPS, K, N))
-  with pytest.raises(ValueError, match="'ragged_dot', 'reference', 'pallas', 'auto'"):
+  with pytest.raises(ValueError, match="'ragged_dot', 'reference', 'pallas', 'mosaic', 'auto'"):
     kernels.grouped_matmul(x, w, jnp.zeros((GROUPS,), jnp.int32), impl="triton")

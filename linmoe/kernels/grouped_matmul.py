@@ -7,11 +7,16 @@ order, rows past sum(group_sizes) zero. The output has x's dtype; products accum
 import jax
 import jax.numpy as jnp
 
-from linmoe.kernels import common, grouped_matmul_pallas
+from linmoe.kernels import common, grouped_matmul_mosaic, grouped_matmul_pallas
 
 ACC_DTYPE = jnp.float32
-# (backend, dtype) pairs where the GPU tests cover the Pallas kernel; elsewhere "auto" takes ragged_dot.
-_PALLAS_AUTO = {("gpu", jnp.dtype(jnp.bfloat16))}
+# What "auto" takes, by (backend, GPU architecture, dtype), each entry measured fastest by
+# benchmarks/moe.py and covered by tests/gpu (benchmarks/RESULTS.md); elsewhere ragged_dot. "mosaic"
+# falls back to "pallas" for shapes its kernels do not tile.
+_AUTO = {
+    ("gpu", "hopper", jnp.dtype(jnp.bfloat16)): "mosaic",
+    ("gpu", "other", jnp.dtype(jnp.bfloat16)): "pallas",
+}
 
 
 def _ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -39,13 +44,39 @@ def _pallas(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
   return grouped_matmul_pallas.grouped_matmul(x, w, group_sizes)
 
 
+def _mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"impl='mosaic' needs a Hopper GPU, the default backend is {jax.default_backend()}")
+  grouped_matmul_mosaic.check_supported(x, w)
+  return grouped_matmul_mosaic.grouped_matmul(x, w, group_sizes)
+
+
 # Implementations by name; each takes (x [M, K], w [E, K, N], group_sizes [E]).
-_IMPLS = {"ragged_dot": _ragged_dot, "reference": _reference, "pallas": _pallas}
+_IMPLS = {"ragged_dot": _ragged_dot, "reference": _reference, "pallas": _pallas, "mosaic": _mosaic}
+
+
+def _architecture() -> str:
+  """"hopper" for a compute capability 9.x GPU, else "other"."""
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  return "hopper" if str(capability).startswith("9.") else "other"
 
 
 def auto_impl(dtype: jnp.dtype) -> str:
-  """The implementation "auto" picks for inputs of `dtype` on the default backend."""
-  return "pallas" if (jax.default_backend(), jnp.dtype(dtype)) in _PALLAS_AUTO else "ragged_dot"
+  """The implementation "auto" picks for inputs of `dtype` on the default device (shapes aside)."""
+  backend = jax.default_backend()
+  architecture = _architecture() if backend == "gpu" else "other"
+  return _AUTO.get((backend, architecture, jnp.dtype(dtype)), "ragged_dot")
+
+
+def _auto_for(x: jax.Array, w: jax.Array) -> str:
+  """`auto_impl`, with "mosaic" replaced by "pallas" where the Mosaic kernels do not tile x and w."""
+  name = auto_impl(x.dtype)
+  if name == "mosaic":
+    try:
+      grouped_matmul_mosaic.check_supported(x, w)
+    except grouped_matmul_mosaic.Unsupported:
+      return "pallas"
+  return name
 
 
 def _check_inputs(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> None:
@@ -69,11 +100,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
     w: [E, K, N], x's dtype.
     group_sizes: [E] int32 rows per group, summing to at most M.
     impl: "ragged_dot" (XLA), "reference" (dense masked, for tests), "pallas" (Triton on GPU, the Pallas
-      interpreter elsewhere) or "auto" (`auto_impl`).
+      interpreter elsewhere), "mosaic" (Pallas Mosaic GPU, Hopper only; shapes it does not tile raise
+      `grouped_matmul_mosaic.Unsupported`) or "auto" (`auto_impl`; "pallas" where "mosaic" does not tile).
 
   Returns:
     [M, N] in x's dtype; rows past sum(group_sizes) are zero.
   """
-  fn = common.select_impl(_IMPLS, impl, auto_impl(x.dtype))
   _check_inputs(x, w, group_sizes)
+  fn = common.select_impl(_IMPLS, impl, _auto_for(x, w))
   return fn(x, w, group_sizes)

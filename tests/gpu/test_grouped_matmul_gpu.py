@@ -1,7 +1,9 @@
-"""The Pallas grouped matmul on the GPU at the A0.3B-2B expert shape, against the dense masked reference.
+"""The Pallas (Triton) and Mosaic GPU grouped matmuls on the GPU, against the dense masked reference.
 
-16384 tokens * top-8 = 131072 rows, 64 experts, d_model 1024, d_ff 896, bf16; even groups and one expert
-with 10x its share. Each kernel writes into a NaN-poisoned output, so that unwritten tiles show.
+At the A0.3B-2B expert shape: 16384 tokens * top-8 = 131072 rows, 64 experts, d_model 1024, d_ff 896,
+bf16; even groups and one expert with 10x its share. The Mosaic kernels (Hopper only) also at a small
+shape with uneven, empty and one-row groups and rows past the sum (NaN there in the inputs). Each kernel
+writes into a NaN-poisoned output, so that unwritten tiles show.
 
   python3 -m pytest -m gpu tests/gpu/test_grouped_matmul_gpu.py --noconftest -p no:cacheprovider
 """
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from linmoe.kernels import grouped_matmul_mosaic as gmm_mosaic
 from linmoe.kernels import grouped_matmul_pallas as gmp
 
 pytestmark = pytest.mark.gpu
@@ -93,9 +96,79 @@ def test_weight_grad_kernel(case: dict):
   _assert_close(dw, case["dw"], "dw")
 
 
-def test_auto_uses_pallas_with_both_gradients(case: dict):
-  """The public op under "auto" (the Pallas kernels here) and its custom VJP."""
-  assert importlib.import_module("linmoe.kernels.grouped_matmul").auto_impl(jnp.bfloat16) == "pallas"
+def _is_hopper() -> bool:
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def _needs_hopper() -> None:
+  if jax.default_backend() != "gpu" or not _is_hopper():
+    pytest.skip("the Mosaic kernels need a Hopper GPU")
+
+
+def test_mosaic_kernels(case: dict):
+  """The Mosaic forward and input-gradient kernels (defaults) and its weight-gradient kernel (an option)."""
+  _needs_hopper()
+  gmm = jax.jit(gmm_mosaic.gmm, static_argnums=3, static_argnames="transpose_rhs")
+  out = gmm(case["x"], case["w"], case["sizes"], gmm_mosaic.GmmTiling(), out=_poison((ROWS, D_FF)))
+  _assert_close(out, case["out"], "out")
+  dx = gmm(case["dy"], case["w"], case["sizes"], gmm_mosaic.GmmTiling(), transpose_rhs=True,
+           out=_poison((ROWS, D_MODEL)))
+  _assert_close(dx, case["dx"], "dx")
+  tgmm = jax.jit(gmm_mosaic.tgmm, static_argnums=(3, 4))
+  dw = tgmm(case["x"], case["dy"], case["sizes"], gmm_mosaic.TgmmTiling(), jnp.bfloat16,
+            out=_poison((EXPERTS, D_MODEL, D_FF)))
+  _assert_close(dw, case["dw"], "dw")
+
+
+SMALL_ROWS, SMALL_K, SMALL_N, SMALL_GROUPS = 512, 256, 384, 5
+# Uneven with a one-row group and rows past the sum; empty groups around one holding every row; none at all.
+SMALL_LAYOUTS = [(3, 200, 0, 1, 250), (0, 0, SMALL_ROWS, 0, 0), (0,) * SMALL_GROUPS]
+
+
+def _output_and_grads(impl: str, x: jax.Array, w: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> tuple:
+  out, vjp = jax.vjp(lambda a, b: kernels.grouped_matmul(a, b, group_sizes, impl=impl), x, w)
+  return (out, *vjp(dy))
+
+
+@jax.jit
+def _small_paths(x: jax.Array, w: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> tuple:
+  """(reference, Mosaic custom VJP, Mosaic kernels into poisoned outputs), each (out, dx, dw)."""
+  finite = lambda a: jnp.nan_to_num(a.astype(jnp.float32), nan=0.0)  # noqa: E731
+  with jax.default_matmul_precision("highest"):
+    expected = _output_and_grads("reference", finite(x), finite(w), finite(dy), group_sizes)
+  tiling = gmm_mosaic.GmmTiling()
+  kernels_alone = (
+      gmm_mosaic.gmm(x, w, group_sizes, tiling, out=_poison((SMALL_ROWS, SMALL_N))),
+      gmm_mosaic.gmm(dy, w, group_sizes, tiling, transpose_rhs=True, out=_poison((SMALL_ROWS, SMALL_K))),
+      gmm_mosaic.tgmm(x, dy, group_sizes, gmm_mosaic.TgmmTiling(), out=_poison(w.shape)))
+  return expected, _output_and_grads("mosaic", x, w, dy, group_sizes), kernels_alone
+
+
+@pytest.mark.parametrize("sizes", SMALL_LAYOUTS, ids=["uneven_tail", "one_group", "all_empty"])
+def test_mosaic_small(sizes: tuple[int, ...]):
+  """Both Mosaic paths (the custom VJP with its default weight gradient, and each kernel into a poisoned
+  output) against the reference; rows past the sum hold NaN in x and dy, and must give zeros."""
+  _needs_hopper()
+  kx, kw, kc = jax.random.split(jax.random.key(sum(sizes)), 3)
+  used = sum(sizes)
+  x = jax.random.normal(kx, (SMALL_ROWS, SMALL_K), jnp.bfloat16).at[used:].set(jnp.nan)
+  w = (jax.random.normal(kw, (SMALL_GROUPS, SMALL_K, SMALL_N)) * SMALL_K**-0.5).astype(jnp.bfloat16)
+  dy = jax.random.normal(kc, (SMALL_ROWS, SMALL_N), jnp.bfloat16).at[used:].set(jnp.nan)
+  expected, *paths = _small_paths(x, w, dy, jnp.asarray(sizes, jnp.int32))
+  for path, results in zip(("vjp", "kernels"), paths):
+    for name, a, e in zip(("out", "dx", "dw"), results, expected):
+      a32 = a.astype(jnp.float32)
+      assert bool(jnp.all(jnp.isfinite(a32))), f"{path} {name}: unwritten (NaN) or non-finite elements"
+      assert float(jnp.max(jnp.abs(a32 - e))) <= 2e-2 * (1.0 + float(jnp.max(jnp.abs(e)))), f"{path} {name}"
+    out, dx, dw = results
+    assert not bool(jnp.any(out[used:])) and not bool(jnp.any(dx[used:])), f"{path}: rows past the sum"
+    assert not bool(jnp.any(dw[np.asarray(sizes) == 0])), f"{path}: empty groups"
+
+
+def test_auto_with_both_gradients(case: dict):
+  """The public op under "auto" (Mosaic on Hopper, else the Pallas kernels) and its custom VJP."""
+  expected = "mosaic" if _is_hopper() else "pallas"
+  assert importlib.import_module("linmoe.kernels.grouped_matmul").auto_impl(jnp.bfloat16) == expected
 
   @jax.jit
   def run(x, w, dy):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.kernels import chunked, common
-from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, delta_segments, recurrence
+from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, recurrence
 
 HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
 MIN_CHUNK = 16  # Smallest matmul side of the Triton lowering.
@@ -146,7 +146,7 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim))
-  doc = delta_segments.doc_index(segment_ids, chunk_size, q.shape[1], heads)
+  doc = recurrence._documents(segment_ids, chunk_size)
   b = recurrence.floored_chunk_cumsum(g, chunk_size, segment_ids)
   o, final_state = _delta_rule(q, k, v, beta[..., None], b, h0, doc, cfg)
   return o[:, :seq_len], final_state

@@ -151,7 +151,7 @@ def wy_factors(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, doc: j
     v: values [batch, T, heads, V].
     beta: write strength [batch, T, heads, 1].
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
-    doc: document index [batch, T, heads, 1] int32 (`delta_segments.doc_index`) or None.
+    doc: document index [batch, T, 1] int32 (`delta_segments`) or None.
     chunk: C.
 
   Returns:
@@ -160,15 +160,15 @@ def wy_factors(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, doc: j
   """
   batch, seq, heads, key_dim = k.shape
   value_dim = v.shape[-1]
-  inputs = seg.with_doc((k, v, beta, b), doc)
   call = _platform.pallas_call(
       functools.partial(_wy_kernel, dtype=k.dtype, segmented=doc is not None), name="linmoe_delta_wy",
       grid=(seq // chunk, batch * heads, 1), num_warps=WY_NUM_WARPS,
-      in_specs=[_tile.token_spec(heads, chunk, x.shape[-1], _CHUNK, _FIRST) for x in inputs],
+      in_specs=[_tile.token_spec(heads, chunk, x.shape[-1], _CHUNK, _FIRST) for x in (k, v, beta, b)]
+      + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[_tile.token_spec(heads, chunk, width, _CHUNK, _FIRST) for width in (key_dim, value_dim, chunk)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)])
-  w, u, m = call(*inputs)
+  w, u, m = call(*seg.with_doc((k, v, beta, b), doc))
   return w, u, m
 
 
@@ -196,7 +196,7 @@ def wy_grads(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, m: jax.A
       grid=(seq // chunk, batch * heads, 1), num_warps=WY_NUM_WARPS,
       in_specs=[token(key_dim), token(value_dim), token(1), token(1), token(chunk), token(value_dim),
                 _tile.chunk_state_spec(heads, None, key_dim, value_dim, _CHUNK, _FIRST, _FIRST)]
-      + [token(1)] * (doc is not None),
+      + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[token(key_dim), token(value_dim), token(1), token(1)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, _tile.F32), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(b.shape, _tile.F32), jax.ShapeDtypeStruct(b.shape, _tile.F32)])
@@ -239,7 +239,7 @@ def local_value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, do
       in_specs=[_tile.token_spec(heads, chunk, key_dim, _CHUNK, _FIRST)] * 2
       + [_tile.token_spec(heads, chunk, 1, _CHUNK, _FIRST),
          _tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)]
-      + [_tile.token_spec(heads, chunk, 1, _CHUNK, _FIRST)] * (doc is not None),
+      + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[_tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)],
       out_shape=[jax.ShapeDtypeStruct(do.shape, _tile.F32)])
   (d_local,) = call(*seg.with_doc((q, k, b, do), doc))

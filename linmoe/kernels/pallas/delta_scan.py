@@ -37,9 +37,9 @@ class _Chunk(NamedTuple):
   reads_prev: jax.Array | None
 
 
-def _start(n: jax.Array, chunk: int) -> jax.Array:
-  """First row of chunk n."""
-  return pl.multiple_of(n * chunk, chunk)
+def _start(n: jax.Array | int, chunk: int) -> jax.Array | int:
+  """First row of chunk n (Triton's lowering takes the alignment hint on traced indices only)."""
+  return n * chunk if isinstance(n, int) else pl.multiple_of(n * chunk, chunk)
 
 
 def _chunk(n: jax.Array, chunk: int, b_ref, doc: jax.Array | None) -> _Chunk:

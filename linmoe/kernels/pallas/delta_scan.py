@@ -11,6 +11,7 @@ only the keys of the chunk's last document, and Q e^b only the queries that read
 """
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -52,7 +53,8 @@ def _chunk(n: jax.Array, chunk: int, b_ref, doc: jax.Array | None) -> _Chunk:
                 seg.keep(seg.carries(doc_end), jnp.exp(b_end)), seg.reads_prev(doc))
 
 
-def _over_chunks(body, init: jax.Array, n_chunks: int, chunk: int, doc_ref, reverse: bool) -> jax.Array:
+def _over_chunks(body: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array], init: jax.Array,
+                 n_chunks: int, chunk: int, doc_ref, reverse: bool) -> jax.Array:
   """Runs carry = body(n, carry, doc) over the chunks in scan order and returns the last carry; doc, the
   chunk's document index [C, 1] (None without boundaries), is loaded one step ahead: the loop's pipelining
   leaves that load out, and waiting for it puts a memory round trip into every step of the chain."""

@@ -8,8 +8,8 @@ Forward: `delta_chunk.wy_factors` (W, U, M), `delta_scan.forward_scan` (state en
 final state), `delta_output.chunk_outputs`.
 Backward: the residuals are q, k, v, beta, the cumulative log decay b and the forward's W, M, chunk states (in
 the inputs' dtype) and Delta, rather than recomputed (a WY pass and a scan: 32% of forward + backward at 1 x 64K
-on an H100, for 1.25 KiB more per token and head in bf16, K = V = 128). `delta_chunk.local_value_grad` and
-`delta_scan.backward_scan` give dL/dDelta and dL/dS at every chunk edge; with Delta in place of v,
+on an H100, for 1.25 KiB more per token and head in bf16, K = V = 128). `delta_scan.backward_scan` gives
+dL/dDelta (its intra-chunk part included) and dL/dS at every chunk edge; with Delta in place of v,
 `delta_output.query_key_grads` gives the direct parts of dq, dk, db; `delta_chunk.wy_grads` takes the WY
 factors' cotangents (dU = dDelta, dW = -dDelta S_n^T) back to k, v, beta and b.
 The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.kernels import chunked, common
-from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, delta_segments, recurrence
+from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, recurrence
 
 HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
 MIN_CHUNK = 16  # Smallest matmul side of the Triton lowering.
@@ -76,8 +76,7 @@ def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[
   q, k, v, beta, b, doc, w, m, states, delta = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
-  d_local = delta_chunk.local_value_grad(q, k, b, do, doc, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v)
-  d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_local, d_final.astype(jnp.float32), doc,
+  d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_final.astype(jnp.float32), doc,
                                                      chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v)
   dq, dk, db = delta_output.query_key_grads(q, k, delta, do, b, states, d_states, doc, scale=cfg.scale,
                                             chunk=cfg.chunk, block_k=cfg.block_k)
@@ -146,7 +145,7 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim))
-  doc = delta_segments.doc_index(segment_ids, chunk_size, q.shape[1], heads)
+  doc = recurrence._documents(segment_ids, chunk_size)
   b = recurrence.floored_chunk_cumsum(g, chunk_size, segment_ids)
   o, final_state = _delta_rule(q, k, v, beta[..., None], b, h0, doc, cfg)
   return o[:, :seq_len], final_state

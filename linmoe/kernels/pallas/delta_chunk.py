@@ -8,8 +8,6 @@ beta and b:
   dV = beta * M^T dU,  d(K e^b) = beta * M^T dW,  dbeta = rowsum(M^T dU * V + M^T dW * K e^b) + rowsum(dL * G),
   dM = dU (beta V)^T + dW (beta K e^b)^T,  dL = strictly_lower(-M^T dM M^T),  dG = beta * dL,
   dK += (dG Gamma) K + (dG Gamma)^T K,  db += rowsum(dG * G) - colsum(dG * G) + rowsum(d(K e^b) * K e^b).
-`local_value_grad` gives the intra-chunk part of dL/dDelta, scale (Q K^T * Gamma * causal)^T dO, that the
-backward scan (`delta_scan.backward_scan`) completes with the state's part.
 """
 
 import functools
@@ -22,7 +20,7 @@ from jax.experimental import pallas as pl
 from linmoe.kernels.pallas import _platform, _tile
 from linmoe.kernels.pallas import delta_segments as seg
 
-_CHUNK, _FEATURE, _FIRST = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
+_CHUNK, _FIRST = (lambda i, j: i), (lambda i, j: 0)
 WY_NUM_WARPS = 8
 SUB = 16  # Side of the diagonal blocks of I + L that the WY kernel inverts by substitution (divides every chunk).
 
@@ -151,7 +149,7 @@ def wy_factors(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, doc: j
     v: values [batch, T, heads, V].
     beta: write strength [batch, T, heads, 1].
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
-    doc: document index [batch, T, heads, 1] int32 (`delta_segments.doc_index`) or None.
+    doc: document index [batch, T, 1] int32 (`delta_segments`) or None.
     chunk: C.
 
   Returns:
@@ -160,15 +158,15 @@ def wy_factors(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, doc: j
   """
   batch, seq, heads, key_dim = k.shape
   value_dim = v.shape[-1]
-  inputs = seg.with_doc((k, v, beta, b), doc)
   call = _platform.pallas_call(
       functools.partial(_wy_kernel, dtype=k.dtype, segmented=doc is not None), name="linmoe_delta_wy",
       grid=(seq // chunk, batch * heads, 1), num_warps=WY_NUM_WARPS,
-      in_specs=[_tile.token_spec(heads, chunk, x.shape[-1], _CHUNK, _FIRST) for x in inputs],
+      in_specs=[_tile.token_spec(heads, chunk, x.shape[-1], _CHUNK, _FIRST) for x in (k, v, beta, b)]
+      + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[_tile.token_spec(heads, chunk, width, _CHUNK, _FIRST) for width in (key_dim, value_dim, chunk)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)])
-  w, u, m = call(*inputs)
+  w, u, m = call(*seg.with_doc((k, v, beta, b), doc))
   return w, u, m
 
 
@@ -196,51 +194,10 @@ def wy_grads(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, m: jax.A
       grid=(seq // chunk, batch * heads, 1), num_warps=WY_NUM_WARPS,
       in_specs=[token(key_dim), token(value_dim), token(1), token(1), token(chunk), token(value_dim),
                 _tile.chunk_state_spec(heads, None, key_dim, value_dim, _CHUNK, _FIRST, _FIRST)]
-      + [token(1)] * (doc is not None),
+      + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[token(key_dim), token(value_dim), token(1), token(1)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, _tile.F32), jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(b.shape, _tile.F32), jax.ShapeDtypeStruct(b.shape, _tile.F32)])
   dk, dv, dbeta, db = call(*seg.with_doc((k, v, beta, b, m, d_delta, states), doc))
   return dk, dv, dbeta, db
 
-
-def _local_value_grad_kernel(q_ref, k_ref, b_ref, do_ref, *refs, scale: float, dtype: jnp.dtype,
-                             segmented: bool) -> None:
-  """Refs: q, k [C, K], b [C, 1] fp32, do [C, BV], (segmented) the document index [C, 1] int32; output [C, BV]
-  fp32."""
-  doc_ref, (out_ref,) = seg.split_refs(refs, segmented)
-  doc = None if doc_ref is None else doc_ref[...]
-  scores = _tile.scalar_decay_scores(q_ref[...], k_ref[...], b_ref[...], dtype,
-                                     same=_tile.same_document(doc, doc))
-  out_ref[...] = scale * _tile.dot(scores, do_ref[...], dtype, trans_a=True)
-
-
-def local_value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, doc: jax.Array | None, *,
-                     scale: float, chunk: int, block_v: int) -> jax.Array:
-  """scale (Q K^T * Gamma * causal * same document)^T dO of every chunk.
-
-  Args:
-    q, k: [batch, T, heads, K], T a multiple of chunk.
-    b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
-    do: output cotangent [batch, T, heads, V].
-    doc: as `wy_factors`.
-    scale: output scale.
-    chunk: C.
-    block_v: value block of one program, dividing V.
-
-  Returns:
-    [batch, T, heads, V] fp32.
-  """
-  batch, seq, heads, key_dim = q.shape
-  value_dim = do.shape[-1]
-  call = _platform.pallas_call(
-      functools.partial(_local_value_grad_kernel, scale=scale, dtype=q.dtype, segmented=doc is not None),
-      name="linmoe_delta_dv_local", grid=(seq // chunk, batch * heads, value_dim // block_v),
-      in_specs=[_tile.token_spec(heads, chunk, key_dim, _CHUNK, _FIRST)] * 2
-      + [_tile.token_spec(heads, chunk, 1, _CHUNK, _FIRST),
-         _tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)]
-      + [_tile.token_spec(heads, chunk, 1, _CHUNK, _FIRST)] * (doc is not None),
-      out_specs=[_tile.token_spec(heads, chunk, block_v, _CHUNK, _FEATURE)],
-      out_shape=[jax.ShapeDtypeStruct(do.shape, _tile.F32)])
-  (d_local,) = call(*seg.with_doc((q, k, b, do), doc))
-  return d_local

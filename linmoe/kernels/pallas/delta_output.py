@@ -79,7 +79,7 @@ def chunk_outputs(q: jax.Array, k: jax.Array, delta: jax.Array, b: jax.Array, st
     delta: corrected values Delta [batch, T, heads, V].
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
     states: S_n, the state entering each chunk [batch, T / C, heads, K, V] (the inputs' dtype or fp32).
-    doc: document index [batch, T, heads, 1] int32 (`delta_segments.doc_index`) or None.
+    doc: document index [batch, T, 1] int32 (`delta_segments`) or None.
     scale: output scale.
     chunk: C.
     block_v: value block of one program, dividing V.
@@ -95,7 +95,7 @@ def chunk_outputs(q: jax.Array, k: jax.Array, delta: jax.Array, b: jax.Array, st
       name="linmoe_delta_outputs", grid=(seq // chunk, batch * heads, value_dim // block_v),
       in_specs=[token(key_dim), token(key_dim), token(block_v, _FEATURE), token(1),
                 _tile.chunk_state_spec(heads, None, key_dim, block_v, _CHUNK, _FIRST, _FEATURE)]
-      + [token(1)] * (doc is not None),
+      + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[token(block_v, _FEATURE)],
       out_shape=[jax.ShapeDtypeStruct(delta.shape, delta.dtype)])
   (o,) = call(*seg.with_doc((q, k, delta, b, states), doc))
@@ -130,7 +130,7 @@ def query_key_grads(q: jax.Array, k: jax.Array, delta: jax.Array, do: jax.Array,
       functools.partial(_dqk_kernel, scale=scale, dtype=q.dtype, segmented=doc is not None),
       name="linmoe_delta_dqk", grid=(seq // chunk, batch * heads, n_key_blocks),
       in_specs=[token(block_k, _FEATURE), token(block_k, _FEATURE), token(value_dim), token(value_dim), token(1),
-                state, state] + [token(1)] * (doc is not None),
+                state, state] + [_tile.document_spec(heads, chunk, _CHUNK)] * (doc is not None),
       out_specs=[token(block_k, _FEATURE), token(block_k, _FEATURE), token(1, _FEATURE)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, seq, heads, n_key_blocks), _tile.F32)])

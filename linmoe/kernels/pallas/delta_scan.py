@@ -3,7 +3,7 @@
 With `b` the cumulative log decay inside each chunk, `B = b_C` its last entry, W and U the chunk's WY factors
 (`linmoe.kernels.delta_chunked`) and S_n the fp32 state entering chunk n:
   forward:  Delta_n = U_n - W_n S_n,   S_{n+1} = e^B S_n + (K e^{B - b})^T Delta_n;
-  backward, from dS = dL/dS_{n+1} and the intra-chunk part dDelta^loc = scale (Q K^T * Gamma)^T dO:
+  backward, from dS = dL/dS_{n+1} and the intra-chunk part dDelta^loc = scale (Q K^T * Gamma * causal)^T dO:
             dDelta_n = dDelta^loc_n + (K e^{B - b}) dS,   dL/dS_n = e^B dS + scale (Q e^b)^T dO_n - W_n^T dDelta_n.
 Delta needs all of S's key rows, so a program holds the full key dimension and one block of value columns.
 With document boundaries (`delta_segments`), e^B S_n is dropped in a chunk with a boundary, K e^{B - b} keeps
@@ -11,6 +11,7 @@ only the keys of the chunk's last document, and Q e^b only the queries that read
 """
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -37,16 +38,37 @@ class _Chunk(NamedTuple):
   reads_prev: jax.Array | None
 
 
-def _chunk(n: jax.Array, chunk: int, b_ref, doc_ref) -> _Chunk:
-  """The `_Chunk` of chunk n from the decay ref [T, 1] and the document index ref [T, 1] (or None)."""
-  start = pl.multiple_of(n * chunk, chunk)
+def _start(n: jax.Array | int, chunk: int) -> jax.Array | int:
+  """First row of chunk n (Triton's lowering takes the alignment hint on traced indices only)."""
+  return n * chunk if isinstance(n, int) else pl.multiple_of(n * chunk, chunk)
+
+
+def _chunk(n: jax.Array, chunk: int, b_ref, doc: jax.Array | None) -> _Chunk:
+  """The `_Chunk` of chunk n from the decay ref [T, 1] and the chunk's document index [C, 1] (or None)."""
+  start = _start(n, chunk)
   rows = pl.ds(start, chunk)
   b, b_end = b_ref[rows, :], b_ref[pl.ds(start + chunk - 1, 1), :]
-  doc = doc_end = None
-  if doc_ref is not None:
-    doc, doc_end = doc_ref[rows, :], doc_ref[pl.ds(start + chunk - 1, 1), :]
+  doc_end = None if doc is None else jnp.max(doc)  # The index only counts up within a chunk.
   return _Chunk(rows, b, seg.keep(seg.in_last(doc, doc_end), jnp.exp(b_end - b)),
                 seg.keep(seg.carries(doc_end), jnp.exp(b_end)), seg.reads_prev(doc))
+
+
+def _over_chunks(body: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array], init: jax.Array,
+                 n_chunks: int, chunk: int, doc_ref, reverse: bool) -> jax.Array:
+  """Runs carry = body(n, carry, doc) over the chunks in scan order and returns the last carry; doc, the
+  chunk's document index [C, 1] (None without boundaries), is loaded one step ahead: the loop's pipelining
+  leaves that load out, and waiting for it puts a memory round trip into every step of the chain."""
+  chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
+
+  def load(step):
+    return None if doc_ref is None else doc_ref[pl.ds(_start(chunk_of(step), chunk), chunk), :]
+
+  def step_fn(step, carry):
+    value, doc = carry
+    doc_next = load(jnp.minimum(step + 1, n_chunks - 1))
+    return body(chunk_of(step), value, doc), doc_next
+
+  return lax.fori_loop(0, n_chunks, step_fn, (init, load(0)))[0]
 
 
 def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype: jnp.dtype,
@@ -56,49 +78,50 @@ def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype
   final [K, BV] fp32."""
   doc_ref, (states_ref, delta_ref, final_ref) = seg.split_refs(refs, segmented)
 
-  def body(n, state):
-    c = _chunk(n, chunk, b_ref, doc_ref)
+  def body(n, state, doc):
+    c = _chunk(n, chunk, b_ref, doc)
     states_ref[n] = state.astype(states_ref.dtype)
     delta = u_ref[c.rows, :].astype(_tile.F32) - _tile.dot(w_ref[c.rows, :], state, dtype)
     delta_ref[c.rows, :] = delta.astype(delta_ref.dtype)
     k_decayed = k_ref[c.rows, :].astype(_tile.F32) * c.key_decay
     return c.state_decay * state + _tile.dot(k_decayed, delta, dtype, trans_a=True)
 
-  final_ref[...] = lax.fori_loop(0, states_ref.shape[0], body, s0_ref[...])
+  final_ref[...] = _over_chunks(body, s0_ref[...], states_ref.shape[0], chunk, doc_ref, reverse=False)
 
 
-def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, dloc_ref, ds_ref, *refs, chunk: int, scale: float,
+def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, ds_ref, *refs, chunk: int, scale: float,
                      dtype: jnp.dtype, segmented: bool) -> None:
-  """Refs: q, k, w [T, K], b [T, 1] fp32, do [T, BV], dloc [T, BV] fp32, ds [K, BV] fp32 (d final state),
-  (segmented) the document index [T, 1] int32; outputs d_states [N, K, BV] (dL/dS_{n+1} of chunk n, in the
-  inputs' dtype),
-  d_delta [T, BV] fp32 and d_s0 [K, BV] fp32."""
+  """Refs: q, k, w [T, K], b [T, 1] fp32, do [T, BV], ds [K, BV] fp32 (d final state), (segmented) the document
+  index [T, 1] int32; outputs d_states [N, K, BV] (dL/dS_{n+1} of chunk n, in the inputs' dtype), d_delta
+  [T, BV] fp32 and d_s0 [K, BV] fp32. The intra-chunk part of dDelta does not depend on the carried state: it
+  is formed here rather than by a kernel of its own, which saves that kernel and an fp32 [T, V] round trip."""
   doc_ref, (d_states_ref, d_delta_ref, d_s0_ref) = seg.split_refs(refs, segmented)
-  n_chunks = d_states_ref.shape[0]
 
-  def body(step, d_state):
-    n = n_chunks - 1 - step
-    c = _chunk(n, chunk, b_ref, doc_ref)
+  def body(n, d_state, doc):
+    c = _chunk(n, chunk, b_ref, doc)
+    q, k, do = q_ref[c.rows, :], k_ref[c.rows, :], do_ref[c.rows, :]
+    scores = _tile.scalar_decay_scores(q, k, c.b, dtype, same=_tile.same_document(doc, doc))
+    d_local = scale * _tile.dot(scores, do, dtype, trans_a=True)
     d_states_ref[n] = d_state.astype(d_states_ref.dtype)
-    k_decayed = k_ref[c.rows, :].astype(_tile.F32) * c.key_decay
-    d_delta = dloc_ref[c.rows, :] + _tile.dot(k_decayed, d_state, dtype)
+    d_delta = d_local + _tile.dot(k.astype(_tile.F32) * c.key_decay, d_state, dtype)
     d_delta_ref[c.rows, :] = d_delta
-    q_decayed = seg.keep(c.reads_prev, q_ref[c.rows, :].astype(_tile.F32) * (scale * jnp.exp(c.b)))
-    return (c.state_decay * d_state + _tile.dot(q_decayed, do_ref[c.rows, :], dtype, trans_a=True)
+    q_decayed = seg.keep(c.reads_prev, q.astype(_tile.F32) * (scale * jnp.exp(c.b)))
+    return (c.state_decay * d_state + _tile.dot(q_decayed, do, dtype, trans_a=True)
             - _tile.dot(w_ref[c.rows, :], d_delta, dtype, trans_a=True))
 
-  d_s0_ref[...] = lax.fori_loop(0, n_chunks, body, ds_ref[...])
+  d_s0_ref[...] = _over_chunks(body, ds_ref[...], d_states_ref.shape[0], chunk, doc_ref, reverse=True)
 
 
 _WHOLE, _BLOCK = (lambda i, j: 0), (lambda i, j: j)
 
 
 def _specs(heads: int, seq: int, n_chunks: int, key_dim: int, block_v: int) -> dict:
-  """Block specs of the scans' operands by kind: whole key rows, value blocks, decay, states."""
+  """Block specs of the scans' operands by kind: whole key rows, value blocks, decay, document index, states."""
   return {
       "keys": _tile.token_spec(heads, seq, key_dim, _WHOLE, _WHOLE),
       "values": _tile.token_spec(heads, seq, block_v, _WHOLE, _BLOCK),
       "decay": _tile.token_spec(heads, seq, 1, _WHOLE, _WHOLE),
+      "doc": _tile.document_spec(heads, seq, _WHOLE),
       "state": _tile.head_state_spec(heads, key_dim, block_v, _WHOLE, _BLOCK),
       "states": _tile.chunk_state_spec(heads, n_chunks, key_dim, block_v, _WHOLE, _WHOLE, _BLOCK),
   }
@@ -114,7 +137,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
     k: keys [batch, T, heads, K].
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
     initial: initial state [batch, heads, K, V] fp32.
-    doc: document index [batch, T, heads, 1] int32 (`delta_segments.doc_index`) or None.
+    doc: document index [batch, T, 1] int32 (`delta_segments`) or None.
     chunk: C.
     block_v: value block of one program, dividing V.
 
@@ -131,7 +154,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
       name="linmoe_delta_scan", grid=(1, batch * heads, value_dim // block_v),
       num_stages=NUM_STAGES[u.dtype.itemsize],
       in_specs=[spec["keys"], spec["values"], spec["keys"], spec["decay"], spec["state"]]
-      + [spec["decay"]] * (doc is not None),
+      + [spec["doc"]] * (doc is not None),
       out_specs=[spec["states"], spec["values"], spec["state"]],
       out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), u.dtype),
                  jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(initial.shape, _tile.F32)])
@@ -139,8 +162,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
   return states, delta, final
 
 
-def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: jax.Array, d_local: jax.Array,
-                  d_final: jax.Array, doc: jax.Array | None, *, chunk: int, scale: float,
+def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: jax.Array, d_final: jax.Array, doc: jax.Array | None, *, chunk: int, scale: float,
                   block_v: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Gradients of the chunk-leaving states, of Delta, and of the initial state.
 
@@ -148,7 +170,6 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
     q, k, w: [batch, T, heads, K] (the inputs' dtype), T a multiple of chunk.
     b: cumulative log decay within each chunk [batch, T, heads, 1] fp32.
     do: output cotangent [batch, T, heads, V].
-    d_local: scale (Q K^T * Gamma)^T dO of every chunk [batch, T, heads, V] fp32.
     d_final: cotangent of the final state [batch, heads, K, V] fp32.
     doc: as `forward_scan`.
     chunk: C.
@@ -167,10 +188,9 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
       functools.partial(_backward_kernel, chunk=chunk, scale=scale, dtype=do.dtype, segmented=doc is not None),
       name="linmoe_delta_scan_bwd", grid=(1, batch * heads, value_dim // block_v),
       num_stages=NUM_STAGES[do.dtype.itemsize],
-      in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["values"],
-                spec["state"]] + [spec["decay"]] * (doc is not None),
+      in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["state"]] + [spec["doc"]] * (doc is not None),
       out_specs=[spec["states"], spec["values"], spec["state"]],
       out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), do.dtype),
                  jax.ShapeDtypeStruct(do.shape, _tile.F32), jax.ShapeDtypeStruct(d_final.shape, _tile.F32)])
-  d_states, d_delta, d_initial = call(*seg.with_doc((q, k, w, b, do, d_local, d_final), doc))
+  d_states, d_delta, d_initial = call(*seg.with_doc((q, k, w, b, do, d_final), doc))
   return d_states, d_delta, d_initial

@@ -6,29 +6,13 @@ token counts when it starts a document). So, within a chunk: tokens i and j are 
 a token reads the incoming chunk state iff d_i = 0 (the document of the token before the chunk, which owns
 the initial state at chunk 0); it writes the outgoing state iff d_i = d_{C-1}, the chunk's last document; and
 the incoming state passes through the chunk iff d_{C-1} = 0. Padding at the end continues the last document.
-Without segment ids every kernel takes no index (a static variant) and every mask below is None.
+The index is `segments.chunk_documents` as [batch, T, 1] int32 (`recurrence._documents`), one block of it shared
+by the programs of every head (`_tile.document_spec`). Without segment ids every kernel takes no index (a static
+variant) and every mask below is None.
 """
 
 import jax
 import jax.numpy as jnp
-
-from linmoe.kernels import segments
-
-
-def doc_index(segment_ids: jax.Array | None, chunk: int, padded_seq: int, heads: int) -> jax.Array | None:
-  """The per-chunk document index of every token, [batch, padded_seq, heads, 1] int32 (the same for every
-  head, in the layout of the kernels' token blocks); None when segment_ids is None.
-
-  Args:
-    segment_ids: document ids [batch, seq] or None.
-    chunk: C, dividing padded_seq.
-    padded_seq: the kernels' sequence length, seq rounded up to a multiple of C.
-    heads: number of heads.
-  """
-  if segment_ids is None:
-    return None
-  doc = segments.chunk_documents(segment_ids, chunk).reshape(segment_ids.shape[0], padded_seq, 1, 1)
-  return jnp.broadcast_to(doc, (doc.shape[0], padded_seq, heads, 1))
 
 
 def with_doc(inputs: tuple, doc: jax.Array | None) -> tuple:
@@ -47,12 +31,13 @@ def reads_prev(doc: jax.Array | None) -> jax.Array | None:
 
 
 def in_last(doc: jax.Array | None, doc_end: jax.Array | None) -> jax.Array | None:
-  """[C, 1] bool, the token is in the chunk's last document (doc_end: the index of its last token [1, 1])."""
+  """[C, 1] bool, the token is in the chunk's last document (doc_end: the index of its last token, [1, 1] or a
+  scalar)."""
   return None if doc is None else doc == doc_end
 
 
 def carries(doc_end: jax.Array | None) -> jax.Array | None:
-  """[1, 1] bool, the chunk has no boundary, so the incoming state passes through it."""
+  """bool of doc_end's shape, the chunk has no boundary, so the incoming state passes through it."""
   return None if doc_end is None else doc_end == 0
 
 

@@ -1,6 +1,6 @@
 """The decay recurrence on Pallas kernels, forward and backward (`jax.custom_vjp`).
 
-Forward: `state.chunk_scan` stores the fp32 state entering every chunk, (vector decay) `intra.intra_scores`
+Forward: `state.chunk_scan` stores the state entering every chunk, (vector decay) `intra.intra_scores`
 the causal intra-chunk scores, and `output.chunk_outputs` the outputs of all chunks in parallel.
 Backward: the residuals are the inputs alone (q, k, v, the cumulative log decay b and the initial state); the
 chunk states and (vector decay) the scores are recomputed, which costs one more scan and score pass but no

@@ -4,9 +4,11 @@ Forward: `state.chunk_scan` stores the state entering every chunk, (vector decay
 the causal intra-chunk scores, and `output.chunk_outputs` the outputs of all chunks in parallel.
 Backward: the residuals are the inputs (q, k, v, the cumulative log decay b and the initial state) and, for
 scalar decay, the chunk states in the inputs' dtype (K x V per chunk and head: with bf16, K = V = 128 and C = 64,
-512 bytes per token and head, which saves the backward one scan); vector decay recomputes its fp32 states and the scores, which costs one more scan and score pass but no
-[T / C, K, V] fp32 array kept alive from the forward pass to the backward. The reverse scan gives dL/dh at
-every chunk edge, then `grads` and (vector decay) `intra.intra_grads` give dv, dq, dk and dL/db per chunk.
+512 bytes per token and head), which spares the backward a scan (H100, 8 heads, bf16, forward + backward: 2.57
+ms against 2.93 at 1 x 64K, 0.71 against 0.79 at 8 x 2K). Vector decay recomputes its fp32 states and the
+scores, which costs one more scan and score pass but no [T / C, K, V] fp32 array kept alive from the forward
+pass to the backward. The reverse scan gives dL/dh at every chunk edge, then `grads` and (vector decay)
+`intra.intra_grads` give dv, dq, dk and dL/db per chunk.
 The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
 Segment ids reach every kernel as one int32 per token (`segments.chunk_documents`, computed outside), from which
 each kernel masks the pairs, reads and writes of the chunked form exactly as `chunked.py` does (never through

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from linmoe.kernels import segments
+from linmoe.kernels.pallas import state
 
 # (batch, heads, key_dim, value_dim): small, and one with two key and two value blocks in the program grids.
 SMALL, BLOCKED = (2, 2, 32, 16), (1, 1, 128, 128)
@@ -141,3 +143,30 @@ def test_unsupported_sizes_raise(family, dims, tiling, match):
   inputs = _inputs(family, dims, seed=0)
   with pytest.raises(ValueError, match=match):
     OPS[family](**inputs, impl="pallas", **(TILING[family] | tiling))
+
+
+
+def test_split_scan_matches_one_walk():
+  """The chunk scan cut into 8 runs of 2 chunks (11 chunks: a short run and two empty ones), with documents,
+  against one walk over all chunks (which the op tests check against naive), both directions: every stored
+  state and the final one."""
+  batch, heads, key_dim, value_dim, chunk, n_chunks = 2, 1, 32, 16, 16, 11
+  rng = np.random.default_rng(3)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  seq = chunk * n_chunks
+  g = jax.nn.log_sigmoid(2.0 + normal(batch, n_chunks, chunk, heads, 1))
+  ids = jnp.asarray(np.cumsum(rng.random((batch, seq)) < 0.03, axis=1), jnp.int32)
+  args = (normal(batch, seq, heads, key_dim), normal(batch, seq, heads, value_dim),
+          jnp.cumsum(g, axis=2).reshape(batch, seq, heads, 1), normal(batch, heads, key_dim, value_dim),
+          segments.chunk_documents(ids, chunk).reshape(batch, seq, 1))
+
+  @jax.jit
+  def both_ways(x, y, b, initial, docs):  # One compilation for all four scans.
+    scan = functools.partial(state.chunk_scan, x, y, b, initial, chunk=chunk, factor=0.5, block_k=16,
+                             block_v=16, docs=docs)
+    return {(reverse, runs): scan(reverse=reverse, runs=runs) for reverse in (False, True) for runs in (1, 8)}
+
+  scans = both_ways(*args)
+  for reverse in (False, True):
+    for name, split, whole in zip(("states", "final"), scans[reverse, 8], scans[reverse, 1]):
+      _assert_close(split, whole, FP32_TOL, f"{name} (reverse={reverse})")

@@ -37,7 +37,7 @@ def _dv_kernel(d_ref, k_ref, b_ref, do_ref, dh_ref, s_ref, dv_ref, *, scale: flo
                dtype: jnp.dtype) -> None:
   """dv of one chunk and value block.
 
-  Refs: d [C, 1] int32 documents or None, k [C, K], b [C, Kg] fp32, do [C, BV], dh [K, BV] fp32 (dE), s: q
+  Refs: d [C, 1] int32 documents or None, k [C, K], b [C, Kg] fp32, do [C, BV], dh [K, BV] (dE), s: q
   [C, K] (scalar decay) or the scores A [C, C] fp32 (vector decay); output dv [C, BV].
   """
   k, b = k_ref[...], b_ref[...]
@@ -57,11 +57,11 @@ def _dqk_kernel(d_ref, q_ref, k_ref, v_ref, do_ref, b_ref, h_ref, dh_ref, dq_ref
   """dq, dk and db of one chunk and key block (without the intra sums for vector decay).
 
   Refs: d [C, 1] int32 documents or None, q, k [C, BK], v, do [C, V], b [C, Kg] fp32 (Kg 1 or BK), h, dh
-  [BK, V] fp32 (h_n, dE); outputs dq, dk [C, BK] and db [C, Kg] (for scalar decay, this key block's share).
+  [BK, V] (h_n, dE); outputs dq, dk [C, BK] and db [C, Kg] (for scalar decay, this key block's share).
   """
   chunk = q_ref.shape[0]
   q, k, v, do = q_ref[...].astype(_tile.F32), k_ref[...].astype(_tile.F32), v_ref[...], do_ref[...]
-  h, dh, b = h_ref[...], dh_ref[...], b_ref[...]
+  h, dh, b = h_ref[...].astype(_tile.F32), dh_ref[...].astype(_tile.F32), b_ref[...]
   decay_dim = b.shape[-1]
   d, doc_end = _documents(d_ref)
   b_end = b_ref[pl.ds(chunk - 1, 1), :]
@@ -105,7 +105,7 @@ def value_grad(q: jax.Array, k: jax.Array, b: jax.Array, do: jax.Array, d_states
     q, k: [batch, T, heads, K], T a multiple of chunk.
     b: cumulative log decay within each chunk [batch, T, heads, Kg] fp32.
     do: output cotangent [batch, T, heads, V].
-    d_states: dL/dh_{n+1} for each chunk n [batch, T / C, heads, K, V] fp32.
+    d_states: dL/dh_{n+1} for each chunk n [batch, T / C, heads, K, V] (`state.chunk_scan`'s dtype).
     scores: causal scores [batch, T, heads, C] fp32 (vector decay), or None (scalar decay).
     scale: output scale.
     chunk: C.
@@ -148,8 +148,8 @@ def query_key_grads(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, b: 
     q, k: [batch, T, heads, K], T a multiple of chunk.
     v, do: values and output cotangent [batch, T, heads, V].
     b: cumulative log decay within each chunk [batch, T, heads, Kg] fp32, Kg in {1, K}.
-    states: h_n [batch, T / C, heads, K, V] fp32.
-    d_states: dL/dh_{n+1} [batch, T / C, heads, K, V] fp32.
+    states: h_n [batch, T / C, heads, K, V] (`state.chunk_scan`'s dtype).
+    d_states: dL/dh_{n+1} [batch, T / C, heads, K, V] (`state.chunk_scan`'s dtype).
     scale: output scale.
     chunk: C.
     block_k: key block of one program, dividing K.

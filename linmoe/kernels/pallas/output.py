@@ -18,8 +18,8 @@ def _output_kernel(d_ref, q_ref, v_ref, b_ref, h_ref, s_ref, o_ref, *, scale: fl
                    dtype: jnp.dtype) -> None:
   """Outputs of one chunk and value block.
 
-  Refs: d [C, 1] int32 documents or None, q [C, K], v [C, BV], b [C, Kg] fp32, h [K, BV] fp32, s: k [C, K]
-  (scalar decay) or the scores A [C, C] fp32 (vector decay); output o [C, BV].
+  Refs: d [C, 1] int32 documents or None, q [C, K], v [C, BV], b [C, Kg] fp32, h [K, BV] (`state.chunk_scan`'s
+  dtype), s: k [C, K] (scalar decay) or the scores A [C, C] fp32 (vector decay); output o [C, BV].
   """
   q, b = q_ref[...], b_ref[...]
   d = None if d_ref is None else d_ref[...]
@@ -42,7 +42,7 @@ def chunk_outputs(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, states
     q, k: [batch, T, heads, K], T a multiple of chunk.
     v: [batch, T, heads, V].
     b: cumulative log decay within each chunk [batch, T, heads, Kg] fp32, Kg in {1, K}.
-    states: state entering each chunk [batch, T / C, heads, K, V] fp32.
+    states: state entering each chunk [batch, T / C, heads, K, V] (`state.chunk_scan`'s dtype).
     scores: causal intra-chunk scores [batch, T, heads, C] fp32 (vector decay), or None (scalar decay).
     scale: output scale.
     chunk: C.

@@ -1,16 +1,29 @@
-"""The inter-chunk pass: one program per (key block, batch * head, value block) scans the chunks in order.
+"""The inter-chunk pass: the state entering every chunk, scanned over the chunks in order, forward or backward.
 
 One kernel serves both directions of the recurrence over chunk boundaries. With `b` the cumulative log decay
 inside each chunk and `b_C` its last entry:
   forward  (x = k, y = v):        S_{n+1} = e^{b_C} S_n + (x * e^{b_C - b})^T y,  from the initial state;
   backward (x = scale * q, y = do): dS_n = e^{b_C} dS_{n+1} + (x * e^{b})^T y,      from d final_state.
-The state entering each chunk (in scan order) is stored for the parallel per-chunk kernels, fp32.
+The state entering each chunk (in scan order) is stored for the parallel per-chunk kernels: in y's dtype for
+scalar decay (their matmuls take it in that dtype anyway; bf16 halves the bytes of the largest arrays of the
+pass), fp32 for vector decay. The scan itself carries it in fp32.
 With segment ids the state passes through a chunk only if the chunk has no boundary (e^{b_C} is then masked to
 0), the forward sums the keys of the chunk's last document only and the backward the queries that read the
 incoming state (those of its first document).
+
+One program per (key block, batch * head, value block) walks the chunks one after the other, about 2 us a
+chunk on an H100 whatever the block: with few (batch, head) pairs and many chunks that chain is the whole
+time. Scalar decay then cuts the N chunks, in scan order, into `runs` runs of L = ceil(N / runs) chunks:
+  1. `_run_end_kernel`, all runs in parallel: E_r, the state at the end of run r started from zero;
+  2. `_run_decays` (XLA): D_r, the product of the chunk decays e^{b_C} of run r (0 if a document starts in it);
+  3. `_scan_kernel`, all runs in parallel: each program first folds the runs before its own into its entry
+     state, S_r = D_{r-1} S_{r-1} + E_{r-1} from S_0 = the initial state, then walks its run storing the
+     states, and the last run writes the final state.
+The longest chain of dependent steps is then 2 L + runs instead of N, for twice the matmul work.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +35,29 @@ from linmoe.kernels.pallas import _platform, _tile
 # Pipelining depth of the loop over chunks, by decay. On an H100 (1 x 16K and 8 x 2K tokens, 8 heads, dim 128,
 # one run each) 3 stages beat 2 by 4-14% for scalar decay and lost by 25-35% for vector decay.
 SCAN_NUM_STAGES = {"scalar": 3, "vector": 2}
+# Fewest chunks for the split scan (`runs_for`). On an H100 (8 heads, dim 128, bf16, forward scan alone) the
+# split lost at 8 x 2K (32 chunks of 64: 0.31 ms in 2 runs against 0.26 in one) and tied at 4 x 4K (64 chunks),
+# then won: 2 x 8K 0.30 ms (8 runs) against 0.37, 1 x 16K 0.30 (8) against 0.63, 1 x 64K 0.87 (16) against 1.61.
+SPLIT_MIN_CHUNKS = 128
 
 
-def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, chunk: int, reverse: bool,
-                 factor: float, dtype: jnp.dtype) -> None:
-  """Scans the chunks of one (batch, head, key block, value block).
+def runs_for(n_chunks: int, vector_decay: bool) -> int:
+  """Runs of the split scan: the largest power of two <= sqrt(N / 2), which about balances the 2 L steps of
+  the two passes against the runs folded in; 1 (one walk over every chunk) below SPLIT_MIN_CHUNKS chunks and
+  for vector decay."""
+  if vector_decay or n_chunks < SPLIT_MIN_CHUNKS:
+    return 1
+  return 2 ** int(math.log2(n_chunks / 2) / 2)
 
-  Refs: d [T, 1] int32 documents or None, x [T, BK], y [T, BV], b [T, Kg] fp32 (Kg 1 or BK), s0 [BK, BV]
-  fp32; outputs: states [N, BK, BV] (the state entering each chunk in scan order) and final [BK, BV], fp32.
+
+def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref, *, chunk: int, reverse: bool,
+          factor: float, dtype: jnp.dtype) -> jax.Array:
+  """Applies the chunks of scan steps [first, last) to state [BK, BV] fp32 and returns the state after them;
+  stores the state entering each of those chunks in states_ref [N, BK, BV] unless it is None.
+
+  Refs as in `_scan_kernel`; first <= last <= N are ints or int32 scalars.
   """
-  n_chunks = states_ref.shape[0]
+  n_chunks = x_ref.shape[0] // chunk
   chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
   start_of = lambda n: pl.multiple_of(n * chunk, chunk)  # noqa: E731
 
@@ -40,7 +66,8 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, c
     n = chunk_of(step)
     start = start_of(n)
     rows = pl.ds(start, chunk)
-    states_ref[n] = state
+    if states_ref is not None:
+      states_ref[n] = state.astype(states_ref.dtype)
     b = b_ref[rows, :]
     b_end = b_ref[start + chunk - 1, :]  # [Kg]
     exponent = b if reverse else b_end[None, :] - b
@@ -48,7 +75,7 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, c
     if d is not None:  # Rows of the document that reads (backward) or writes (forward) the edge's state.
       # The next chunk's documents are loaded one step ahead: the loop's pipelining leaves this load out, and
       # waiting for it made packed rows 27% slower at 1 x 64K (simple_gla fwd + bwd, H100; 4% with this).
-      d_next = d_ref[pl.ds(start_of(chunk_of(jnp.minimum(step + 1, n_chunks - 1))), chunk), :]
+      d_next = d_ref[pl.ds(start_of(chunk_of(jnp.minimum(step + 1, last - 1))), chunk), :]
       d_end = jnp.max(d)  # Documents only count up within a chunk.
       mask = d == 0 if reverse else d == d_end
     x = x_ref[rows, :].astype(_tile.F32) * (factor * _tile.masked_exp(mask, exponent))
@@ -56,13 +83,74 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, states_ref, final_ref, *, c
     decay = jnp.exp(b_end) if d is None else jnp.where(d_end == 0, jnp.exp(b_end), 0.0)
     return decay[:, None] * state + update, d_next
 
-  first_docs = None if d_ref is None else d_ref[pl.ds(chunk_of(0) * chunk, chunk), :]
-  final_ref[...], _ = lax.fori_loop(0, n_chunks, body, (s0_ref[...], first_docs))
+  first_docs = None if d_ref is None else d_ref[pl.ds(start_of(chunk_of(jnp.minimum(first, n_chunks - 1))), chunk), :]
+  state, _ = lax.fori_loop(first, last, body, (state, first_docs))
+  return state
+
+
+def _run_bounds(run_length: int, n_chunks: int, runs: int) -> tuple:
+  """Run index of this program (grid axis 0 is key block * runs + run) and its scan steps [first, last), empty
+  for a run past the last chunk."""
+  run = pl.program_id(0) % runs
+  return run, jnp.minimum(run * run_length, n_chunks), jnp.minimum((run + 1) * run_length, n_chunks)
+
+
+def _run_end_kernel(d_ref, x_ref, y_ref, b_ref, end_ref, *, chunk: int, reverse: bool, factor: float,
+                    dtype: jnp.dtype, runs: int, run_length: int) -> None:
+  """E_r: the state after run r of one (batch, head, key block, value block), started from zero.
+
+  Refs as in `_scan_kernel`; output end [BK, BV] fp32.
+  """
+  n_chunks = x_ref.shape[0] // chunk
+  _, first, last = _run_bounds(run_length, n_chunks, runs)
+  zero = jnp.zeros(end_ref.shape, _tile.F32)
+  end_ref[...] = _walk(d_ref, x_ref, y_ref, b_ref, zero, first, last, None, chunk=chunk, reverse=reverse,
+                       factor=factor, dtype=dtype)
+
+
+def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse: bool, factor: float,
+                 dtype: jnp.dtype, runs: int, run_length: int) -> None:
+  """Walks one run of chunks of one (batch, head, key block, value block), storing the states.
+
+  Refs: d [T, 1] int32 documents or None, x [T, BK], y [T, BV], b [T, Kg] fp32 (Kg 1 or BK), s0 [BK, BV] fp32;
+  with runs > 1 the run ends E [R, BK, BV] and decays D [R, 1] fp32 (else None); outputs: states [N, BK, BV]
+  (the state entering each chunk in scan order, this run's rows) and final [BK, BV] fp32 (by the last run).
+  """
+  ends_ref, decays_ref, states_ref, final_ref = refs if runs > 1 else (None, None, *refs)
+  n_chunks = states_ref.shape[0]
+  walk = functools.partial(_walk, d_ref, x_ref, y_ref, b_ref, chunk=chunk, reverse=reverse, factor=factor,
+                           dtype=dtype)
+  if runs == 1:
+    final_ref[...] = walk(s0_ref[...], 0, n_chunks, states_ref)
+    return
+  run, first, last = _run_bounds(run_length, n_chunks, runs)
+  entry = lax.fori_loop(0, run, lambda r, s: decays_ref[r, :][:, None] * s + ends_ref[r], s0_ref[...])
+  state = walk(entry, first, last, states_ref)
+
+  @pl.when(run == runs - 1)
+  def _():
+    final_ref[...] = state
+
+
+def _run_decays(b: jax.Array, docs: jax.Array | None, chunk: int, reverse: bool, runs: int,
+                run_length: int) -> jax.Array:
+  """D_r, the decay through each run in scan order: [batch, runs, heads, 1] fp32 from b [batch, T, heads, 1]
+  (0 in a run where a document starts: docs [batch, T, 1])."""
+  b_end = b[:, chunk - 1::chunk]  # [batch, N, heads, 1]
+  pad = runs * run_length - b_end.shape[1]
+  order = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)  # noqa: E731
+  by_run = lambda x: jnp.pad(order(x), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+      x.shape[0], runs, run_length, *x.shape[2:])
+  decays = jnp.exp(jnp.sum(by_run(b_end), axis=2))
+  if docs is not None:
+    starts = jnp.any(by_run(docs[:, chunk - 1::chunk] != 0), axis=2)  # [batch, runs, 1]
+    decays = jnp.where(starts[:, :, None, :], 0.0, decays)
+  return decays
 
 
 def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, chunk: int, reverse: bool,
                factor: float, block_k: int, block_v: int, num_stages: int | None = None,
-               docs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               docs: jax.Array | None = None, runs: int | None = None) -> tuple[jax.Array, jax.Array]:
   """States entering every chunk, and the last state, of the forward or backward pass over chunks.
 
   Args:
@@ -78,40 +166,55 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
     num_stages: software-pipelining depth of the loop over chunks on the GPU (loads run this far ahead);
       None takes SCAN_NUM_STAGES of the decay.
     docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
+    runs: runs of chunks walked in parallel (a power of two; scalar decay only); None takes `runs_for`.
 
   Returns:
-    states [batch, T / C, heads, K, V] fp32: entry n is the state before chunk n is applied in scan order
-    (h_n forward, dL/dh_{n+1} backward); and the final state [batch, heads, K, V] fp32.
+    states [batch, T / C, heads, K, V], in y's dtype for scalar decay, fp32 for vector decay: entry n is the
+    state before chunk n is applied in scan order (h_n forward, dL/dh_{n+1} backward); and the final state
+    [batch, heads, K, V] fp32.
   """
   batch, seq, heads, key_dim = x.shape
   value_dim, decay_dim = y.shape[-1], b.shape[-1]
   n_chunks = seq // chunk
   vector_decay = decay_dim > 1
+  runs = runs_for(n_chunks, vector_decay) if runs is None else runs
+  if runs > 1 and (vector_decay or runs & (runs - 1)):
+    raise ValueError(f"chunk_scan splits only scalar decay, into a power of two of runs, got {runs}")
   if num_stages is None:
     num_stages = SCAN_NUM_STAGES["vector" if vector_decay else "scalar"]
-  key_block, value_block, first = (lambda i, j: i), (lambda i, j: j), (lambda i, j: 0)
-  decay_spec = _tile.token_spec(heads, seq, block_k if vector_decay else 1, first,
-                                key_block if vector_decay else first)
-  kernel, doc_specs, doc_args = _tile.with_documents(
-      functools.partial(_scan_kernel, chunk=chunk, reverse=reverse, factor=factor, dtype=y.dtype), docs,
-      _tile.document_spec(heads, seq, first))
-  call = _platform.pallas_call(
-      kernel, name="linmoe_chunk_scan_bwd" if reverse else "linmoe_chunk_scan",
-      grid=(key_dim // block_k, batch * heads, value_dim // block_v), num_stages=num_stages,
-      in_specs=[
-          *doc_specs,
-          _tile.token_spec(heads, seq, block_k, first, key_block),
-          _tile.token_spec(heads, seq, block_v, first, value_block),
-          decay_spec,
-          _tile.head_state_spec(heads, block_k, block_v, key_block, value_block),
-      ],
-      out_specs=[
-          _tile.chunk_state_spec(heads, n_chunks, block_k, block_v, first, key_block, value_block),
-          _tile.head_state_spec(heads, block_k, block_v, key_block, value_block),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32),
-          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), _tile.F32),
-      ])
-  states, final = call(*doc_args, x, y, b, initial)
+  n_key_blocks, run_length = key_dim // block_k, -(-n_chunks // runs)
+  key_block, value_block = (lambda i, j: i // runs), (lambda i, j: j)
+  run, first = (lambda i, j: i % runs), (lambda i, j: 0)
+  token_specs = [
+      _tile.token_spec(heads, seq, block_k, first, key_block),
+      _tile.token_spec(heads, seq, block_v, first, value_block),
+      _tile.token_spec(heads, seq, block_k if vector_decay else 1, first, key_block if vector_decay else first),
+  ]
+  state_spec = functools.partial(_tile.chunk_state_spec, heads, block_k=block_k, block_v=block_v,
+                                 k_block=key_block, v_block=value_block)
+  head_state_spec = _tile.head_state_spec(heads, block_k, block_v, key_block, value_block)
+  settings = {"chunk": chunk, "reverse": reverse, "factor": factor, "dtype": y.dtype, "runs": runs,
+              "run_length": run_length}
+  direction = "_bwd" if reverse else ""
+
+  def call(kernel, name, in_specs, out_specs, out_shape, *args):
+    kernel, doc_specs, doc_args = _tile.with_documents(functools.partial(kernel, **settings), docs,
+                                                       _tile.document_spec(heads, seq, first))
+    return _platform.pallas_call(
+        kernel, name=f"{name}{direction}", grid=(n_key_blocks * runs, batch * heads, value_dim // block_v),
+        num_stages=num_stages, in_specs=[*doc_specs, *token_specs, *in_specs], out_specs=out_specs,
+        out_shape=out_shape)(*doc_args, x, y, b, *args)
+
+  run_specs, run_args = [], ()
+  if runs > 1:
+    (ends,) = call(_run_end_kernel, "linmoe_chunk_scan_ends", [], [state_spec(None, chunk=run)],
+                   [jax.ShapeDtypeStruct((batch, runs, heads, key_dim, value_dim), _tile.F32)])
+    run_specs = [state_spec(runs, chunk=first), _tile.token_spec(heads, runs, 1, first, first)]
+    run_args = (ends, _run_decays(b, docs, chunk, reverse, runs, run_length))
+  states, final = call(
+      _scan_kernel, "linmoe_chunk_scan", [head_state_spec, *run_specs],
+      [state_spec(n_chunks, chunk=first), head_state_spec],
+      [jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), _tile.F32 if vector_decay else y.dtype),
+       jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), _tile.F32)],
+      initial, *run_args)
   return states, final

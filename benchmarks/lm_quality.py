@@ -1,10 +1,11 @@
 """Language-model quality: pure LSM vs LLLN hybrid vs softmax attention, same width, depth and tokens.
 
-Models are named NAME (pure LSM), NAME@PATTERN (hybrid) or "attention". Each model trains through the trainer on the bundled corpus (the King James Bible, byte tokenizer)
-for the same steps and batch, then is scored on held-out text of that corpus and on a corpus it never
-saw: the Python language reference that ships with every Python (`pydoc_data.topics`, 79 topics,
-0.46 M characters of technical English). Parameter counts are printed: the mixers differ in their
-projections, so "equal" means equal width, depth, MoE and tokens; the counts say how close.
+Models are named NAME (pure LSM), NAME@PATTERN (hybrid) or "attention". Each model trains through the
+trainer on the bundled corpus (the King James Bible, byte tokenizer) for the same steps and batch, then
+is scored on held-out text of that corpus and on a corpus it never saw: the Python language reference
+that ships with every Python (`pydoc_data.topics`, 79 topics, 0.46 M characters of technical English).
+Parameter counts are printed: the mixers differ in their projections, so "equal" means equal width,
+depth, MoE and tokens; the counts say how close.
 
   python3 -m benchmarks.lm_quality --out results.json [--models gla,gla@LLLN,attention]
       [--steps 2000] [--small]

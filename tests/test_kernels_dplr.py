@@ -10,7 +10,8 @@ import pytest
 from linmoe import kernels
 # The gla tests' sizes, tolerances, input generators and checks; `_fp32_matmuls` is their autouse fixture
 # (true fp32 matmuls), imported to apply here too.
-from tests.test_kernels_simple_gla_gla import (assert_matches_naive, assert_step_loop_matches, op_vjp, BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
+from tests.test_kernels_simple_gla_gla import (assert_matches_naive, assert_step_loop_matches, op_vjp,
+                                               BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
                                                SUB_CHUNK, VALUE_DIM, Family, _assert_close, _cotangent,
                                                _fp32_matmuls, _hostile_gates, _inputs)
 

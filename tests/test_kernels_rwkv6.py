@@ -11,9 +11,10 @@ import pytest
 from linmoe import kernels
 # The gla tests' sizes, tolerances, input generators and checks; `_fp32_matmuls` is their autouse fixture
 # (true fp32 matmuls), imported to apply here too.
-from tests.test_kernels_simple_gla_gla import (assert_matches_naive, op_vjp, BATCH, BF16_TOL, CHUNK, FP32_TOL, HEADS, KEY_DIM, SEEDS,
-                                               SUB_CHUNK, VALUE_DIM, Family, _assert_close,
-                                               _fp32_matmuls, _hostile_gates, _inputs)
+from tests.test_kernels_simple_gla_gla import (assert_matches_naive, op_vjp, BATCH, BF16_TOL, CHUNK,
+                                               FP32_TOL, HEADS, KEY_DIM, SEEDS, SUB_CHUNK, VALUE_DIM,
+                                               Family, _assert_close, _fp32_matmuls, _hostile_gates,
+                                               _inputs)
 
 BONUS = Family(kernels.gla_bonus, kernels.gla_bonus_step, True,
                {"chunk_size": CHUNK, "sub_chunk_size": SUB_CHUNK})

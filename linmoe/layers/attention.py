@@ -18,8 +18,9 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
 
   Without segment ids: cuDNN flash attention on a GPU for bf16/fp16 and head dims it takes (multiples
   of 8 up to 128), else XLA's (which forms the scores). With them, in those cases `packed_flash_attention`
-  (its fp32 variant failed on the H100), elsewhere XLA's with the mask causal AND same document. `jax.nn.dot_product_attention` (JAX 0.10 /
-  0.11) has no segment argument: its cuDNN path turns a `mask` into a dense [batch, 1, seq, seq] bias.
+  (its fp32 variant failed on the H100), elsewhere XLA's with the mask causal AND same document.
+  `jax.nn.dot_product_attention` (JAX 0.10 / 0.11) has no segment argument: its cuDNN path turns a
+  `mask` into a dense [batch, 1, seq, seq] bias.
   """
   head_dim = q.shape[-1]
   flash = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)

@@ -1,7 +1,8 @@
 """What every sequence mixer (LSM layer or attention) shares: its config, depth and run mode.
 
-Modes: "train" and "eval" (whole sequences, no cache; MoE capacity differs), "prefill" (whole sequences; leaves the mixer's state in the
-"cache" variable collection) and "decode" (one token, [batch, 1, d_model]; reads and updates the cache).
+Modes: "train" and "eval" (whole sequences, no cache; MoE capacity differs), "prefill" (whole sequences;
+leaves the mixer's state in the "cache" variable collection) and "decode" (one token, [batch, 1, d_model];
+reads and updates the cache).
 Run the last two with `mutable=["cache"]` (linmoe/decode.py does).
 """
 import flax.linen as nn

@@ -162,7 +162,8 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
   return states, delta, final
 
 
-def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: jax.Array, d_final: jax.Array, doc: jax.Array | None, *, chunk: int, scale: float,
+def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: jax.Array, d_final: jax.Array,
+                  doc: jax.Array | None, *, chunk: int, scale: float,
                   block_v: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Gradients of the chunk-leaving states, of Delta, and of the initial state.
 
@@ -188,7 +189,8 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
       functools.partial(_backward_kernel, chunk=chunk, scale=scale, dtype=do.dtype, segmented=doc is not None),
       name="linmoe_delta_scan_bwd", grid=(1, batch * heads, value_dim // block_v),
       num_stages=NUM_STAGES[do.dtype.itemsize],
-      in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["state"]] + [spec["doc"]] * (doc is not None),
+      in_specs=[spec["keys"], spec["keys"], spec["keys"], spec["decay"], spec["values"], spec["state"]]
+      + [spec["doc"]] * (doc is not None),
       out_specs=[spec["states"], spec["values"], spec["state"]],
       out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, heads, key_dim, value_dim), do.dtype),
                  jax.ShapeDtypeStruct(do.shape, _tile.F32), jax.ShapeDtypeStruct(d_final.shape, _tile.F32)])

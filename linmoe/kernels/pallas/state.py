@@ -83,7 +83,9 @@ def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref,
     decay = jnp.exp(b_end) if d is None else jnp.where(d_end == 0, jnp.exp(b_end), 0.0)
     return decay[:, None] * state + update, d_next
 
-  first_docs = None if d_ref is None else d_ref[pl.ds(start_of(chunk_of(jnp.minimum(first, n_chunks - 1))), chunk), :]
+  first_docs = None
+  if d_ref is not None:
+    first_docs = d_ref[pl.ds(start_of(chunk_of(jnp.minimum(first, n_chunks - 1))), chunk), :]
   state, _ = lax.fori_loop(first, last, body, (state, first_docs))
   return state
 

@@ -27,12 +27,12 @@ from linmoe.steps import cross_entropy
 MODELS = ("bla", "retnet", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "mom", "mom-noshared",
           "attention")
 VOCAB = 8192  # Zoology's; a smaller one (`--vocab`) is learned in fewer steps
-IGNORE = -1
 
 
 def mqar_batch(key: jax.Array, batch: int, seq: int, pairs: int, vocab: int = VOCAB):
-  """inputs, targets [batch, seq] int32, drawn on the device; targets are IGNORE except right after a
-  queried key. Keys are distinct within a row; each row asks min(pairs, seq - 1 - 2 * pairs) of them."""
+  """inputs [batch, seq], query slots and their answers [batch, A] int32, drawn on the device: the logits
+  at slot s (a repeated key) must predict its value. Keys are distinct within a row; each row asks
+  A = min(pairs, seq - 1 - 2 * pairs) of them, at increasing slots after the pairs."""
   half = vocab // 2
   asked_count = min(pairs, seq - 1 - 2 * pairs)
   if half - 1 < pairs or asked_count < 1:
@@ -48,8 +48,7 @@ def mqar_batch(key: jax.Array, batch: int, seq: int, pairs: int, vocab: int = VO
     asked = jax.random.permutation(k_asked, pairs)[:asked_count]
     context = jnp.stack([keys, values], axis=1).reshape(-1)
     inputs = jnp.zeros((seq,), jnp.int32).at[: 2 * pairs].set(context).at[slots].set(keys[asked])
-    targets = jnp.full((seq,), IGNORE, jnp.int32).at[slots].set(values[asked])  # logits at a query key
-    return inputs, targets
+    return inputs, slots.astype(jnp.int32), values[asked]
 
   return jax.vmap(row)(jax.random.split(key, batch))
 
@@ -68,13 +67,11 @@ def model_config(name: str, width: int, chunk: int, vocab: int = VOCAB) -> Model
   return ModelConfig.from_config(m, vocab)
 
 
-def masked_loss(params, model, inputs, targets):
-  logits, _ = model.apply({"params": params}, inputs)
-  scored = targets != IGNORE
-  losses = cross_entropy(logits, jnp.where(scored, targets, 0))
-  correct = (jnp.argmax(logits, -1) == targets) & scored
-  count = jnp.maximum(jnp.sum(scored), 1)
-  return jnp.sum(losses * scored) / count, jnp.sum(correct) / count
+def query_loss(params, model, inputs, slots, answers):
+  """Mean loss and accuracy of the answers at the query slots; only those positions reach the output
+  head (the [batch, seq, vocab] logits would dominate the step)."""
+  logits, _ = model.apply({"params": params}, inputs, logits_at=slots)  # [batch, A, vocab]
+  return jnp.mean(cross_entropy(logits, answers)), jnp.mean(jnp.argmax(logits, -1) == answers)
 
 
 def train_and_score(cfg: ModelConfig, seq: int, pairs: int, steps: int, batch: int, lr: float,
@@ -88,8 +85,8 @@ def train_and_score(cfg: ModelConfig, seq: int, pairs: int, steps: int, batch: i
 
   def step(carry, key):
     params, opt_state = carry
-    inputs, targets = mqar_batch(key, batch, seq, pairs, cfg.vocab_size)
-    (loss, _), grads = jax.value_and_grad(masked_loss, has_aux=True)(params, model, inputs, targets)
+    queries = mqar_batch(key, batch, seq, pairs, cfg.vocab_size)
+    (loss, _), grads = jax.value_and_grad(query_loss, has_aux=True)(params, model, *queries)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -105,7 +102,7 @@ def train_and_score(cfg: ModelConfig, seq: int, pairs: int, steps: int, batch: i
     losses.append(float(chunk_losses[-1]))
   train_s = time.perf_counter() - start
   held_out = mqar_batch(jax.random.key(10_000 + seed), 4 * batch, seq, pairs, cfg.vocab_size)
-  _, accuracy = jax.jit(lambda p, i, t: masked_loss(p, model, i, t))(carry[0], *held_out)
+  _, accuracy = jax.jit(lambda p, *queries: query_loss(p, model, *queries))(carry[0], *held_out)
   _, cache = jax.jit(prefill, static_argnums=(0, 3))(model, carry[0], held_out[0][:1], seq)
   return {"accuracy": float(accuracy), "final_loss": losses[-1], "loss_curve": losses,
           "state_bytes": cache_bytes(cache), "train_s": train_s}

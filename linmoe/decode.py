@@ -12,10 +12,12 @@ from linmoe.model import LinearMoELM
 
 def prefill(model: LinearMoELM, params, tokens: jnp.ndarray,
             cache_len: int) -> tuple[jnp.ndarray, dict]:
-  """tokens [batch, seq] -> (logits [batch, seq, vocab], cache after the last token)."""
+  """tokens [batch, seq] -> (logits [batch, vocab] for the position after the prompt, cache after the
+  last token). Only the last position reaches the output head."""
+  last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
   (logits, _), variables = model.apply({"params": params}, tokens, mode="prefill",
-                                       cache_len=cache_len, mutable=["cache"])
-  return logits, variables["cache"]
+                                       cache_len=cache_len, mutable=["cache"], logits_at=last)
+  return logits[:, 0], variables["cache"]
 
 
 def decode_step(model: LinearMoELM, params, cache: dict,

@@ -134,7 +134,7 @@ def generate(model: LinearMoELM, params, prompts: list[list[int]], max_new_token
     tokens[row, :len(prompt)] = prompt
   logits, cache = _prefill(model, params, jnp.asarray(tokens[:, :start]), cache_len=total)
   stop = -1 if eod_id is None else eod_id  # -1 is never drawn
-  out = _decode_loop(model, params, cache, logits[:, -1], jnp.asarray(tokens), jnp.asarray(lens),
+  out = _decode_loop(model, params, cache, logits, jnp.asarray(tokens), jnp.asarray(lens),
                      jnp.int32(max_new_tokens), jnp.int32(stop), jax.random.key(seed), sampling,
                      num_tokens, start)
   out = np.asarray(out)

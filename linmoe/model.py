@@ -85,6 +85,10 @@ class LinearMoELM(nn.Module):
   the id changes, linmoe/kernels/segments.py): no layer lets information cross a document boundary, so
   each document's logits are those of the document alone. None: one document per row (decoding).
 
+  `logits_at` [batch, n] int32 | None: the positions whose logits are returned ([batch, n, vocab]); the
+  others never reach the output head, so a long prefill or a loss on a few positions does not form the
+  [batch, seq, vocab] logits. None: every position.
+
   `mode` and `cache_len` select training, prefill or one-token decoding (linmoe/decode.py). With
   `model.scan_layers` the whole repeats of the pattern run as one `nn.scan` over a `Unit` (parameters
   and caches under "layers" with a leading [repeats] axis, logical name "layers"), so compile time does
@@ -94,7 +98,8 @@ class LinearMoELM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, mode: str = "train", cache_len: int = 0,
-               segment_ids: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+               segment_ids: jnp.ndarray | None = None,
+               logits_at: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
     cfg = self.cfg
     segments.check(segment_ids, *tokens.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model,
@@ -115,6 +120,8 @@ class LinearMoELM(nn.Module):
           x, segment_ids)
       x = constrain(x)
       aux_stacks.append(stack_aux([aux]))
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [batch, n, d_model]
     x = rms_norm(cfg, "final_norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=compute_dtype(cfg),
                       kernel_init=dense_init("embed", "vocab"), name="lm_head")(x)

@@ -48,6 +48,17 @@ def test_hybrid_with_attention_and_dense_mlp():
   assert aux == {}
 
 
+def test_logits_at_selected_positions_equal_the_full_logits_there():
+  cfg = model_config(pattern="LN")
+  model = LinearMoELM(cfg)
+  tokens = jax.random.randint(jax.random.key(2), (2, SEQ), 0, VOCAB)
+  params = init_params(model, jax.random.key(0), tokens)
+  positions = jnp.array([[0, 5, SEQ - 1], [7, 7, 3]], jnp.int32)
+  full, _ = model.apply({"params": params}, tokens)
+  selected, _ = model.apply({"params": params}, tokens, logits_at=positions)
+  np.testing.assert_allclose(selected, jnp.take_along_axis(full, positions[..., None], axis=1), atol=1e-6)
+
+
 def test_bfloat16_compute_keeps_float32_params():
   cfg = model_config(compute_dtype="bfloat16", pattern="LN")
   model = LinearMoELM(cfg)

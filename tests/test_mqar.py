@@ -1,24 +1,26 @@
-"""The MQAR benchmark's task generator: every scored target is the value paired with the queried key."""
+"""The MQAR benchmark's task generator: every query slot holds a key, and its answer is that key's value."""
 import jax
 import numpy as np
 import pytest
 
-from benchmarks.mqar import IGNORE, mqar_batch
+from benchmarks.mqar import mqar_batch
 
 
 @pytest.mark.parametrize("seq,pairs", [(32, 4), (24, 11)])
-def test_mqar_targets_are_the_queried_keys_values(seq, pairs):
+def test_mqar_answers_are_the_queried_keys_values(seq, pairs):
   vocab = 64
-  inputs, targets = map(np.asarray, mqar_batch(jax.random.key(3), 5, seq, pairs, vocab))
-  assert inputs.shape == targets.shape == (5, seq)
-  for row_inputs, row_targets in zip(inputs, targets):
+  inputs, slots, answers = map(np.asarray, mqar_batch(jax.random.key(3), 5, seq, pairs, vocab))
+  asked = min(pairs, seq - 1 - 2 * pairs)
+  assert inputs.shape == (5, seq) and slots.shape == answers.shape == (5, asked)
+  for row_inputs, row_slots, row_answers in zip(inputs, slots, answers):
     keys, values = row_inputs[: 2 * pairs: 2], row_inputs[1: 2 * pairs: 2]
     assert len(set(keys)) == pairs and np.all((keys >= 1) & (keys < vocab // 2))
     assert np.all((values >= vocab // 2) & (values < vocab))
-    scored = np.flatnonzero(row_targets != IGNORE)
-    assert scored.size == min(pairs, seq - 1 - 2 * pairs) and np.all(scored >= 2 * pairs)
+    assert np.all(np.diff(row_slots) > 0) and row_slots[0] >= 2 * pairs and row_slots[-1] < seq - 1
+    others = np.setdiff1d(np.arange(2 * pairs, seq), row_slots)
+    assert np.all(row_inputs[others] == 0)  # only the query slots hold keys after the pairs
     pairing = dict(zip(keys, values))
-    assert [pairing[k] for k in row_inputs[scored]] == list(row_targets[scored])
+    assert [pairing[k] for k in row_inputs[row_slots]] == list(row_answers)
 
 
 def test_mqar_refuses_a_task_that_does_not_fit():

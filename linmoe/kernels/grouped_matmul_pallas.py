@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from linmoe.kernels.pallas import _platform
+
 ACC_DTYPE = jnp.float32
 MIN_BLOCK = 16  # Smallest side of a Triton dot.
 
@@ -105,11 +107,6 @@ def _compiler_params(tiling: Tiling) -> plgpu.CompilerParams:
   return plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
 
 
-def _interpret() -> bool:
-  """Runs the kernels in the Pallas interpreter unless the default backend is a GPU."""
-  return jax.default_backend() != "gpu"
-
-
 def _gmm_kernel(first_ref, end_ref, offsets_ref, x_ref, w_ref, *out_refs, bm: int, bn: int, bk: int,
                 transpose_rhs: bool):
   """One [bm, bn] tile of out = x_g @ w[g] (or x_g @ w[g]^T), summed over the groups owning its rows.
@@ -181,7 +178,7 @@ def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, tiling: Tiling, *, trans
       grid=(pl.cdiv(width, bn), pl.cdiv(num_rows, bm)),
       input_output_aliases={} if out is None else {len(args) - 1: 0},
       compiler_params=_compiler_params(tiling),
-      interpret=_interpret(),
+      interpret=_platform.interpret_mode(),
       name="grouped_matmul",
   )(*args)
 
@@ -245,7 +242,7 @@ def tgmm(x: jax.Array, dy: jax.Array, offsets: jax.Array, tiling: Tiling, dtype:
       grid=(pl.cdiv(width, bn), pl.cdiv(depth, bk), num_groups),
       input_output_aliases={} if out is None else {len(args) - 1: 0},
       compiler_params=_compiler_params(tiling),
-      interpret=_interpret(),
+      interpret=_platform.interpret_mode(),
       name="grouped_matmul_weight_grad",
   )(*args)
 

@@ -124,3 +124,27 @@ def scalar_decay_scores(q: jax.Array, k: jax.Array, b: jax.Array, dtype: jnp.dty
 def sum_to_decay(x: jax.Array, decay_dim: int) -> jax.Array:
   """Gradient of a per-key quantity [R, K] folded onto a decay of trailing size decay_dim (1 or K)."""
   return jnp.sum(x, axis=1, keepdims=True) if decay_dim == 1 else x
+
+
+def chunk_start(n: jax.Array | int, chunk: int) -> jax.Array | int:
+  """First row of chunk n; the alignment hint only on traced indices (Triton's lowering refuses it on ints)."""
+  return n * chunk if isinstance(n, int) else pl.multiple_of(n * chunk, chunk)
+
+
+def over_chunks(body: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array], init: jax.Array,
+                first: jax.Array | int, last: jax.Array | int, n_chunks: int, chunk: int, docs_ref,
+                reverse: bool) -> jax.Array:
+  """carry = body(n, carry, docs) over scan steps [first, last) (chunk n = step, or N - 1 - step in reverse);
+  returns the last carry. docs, the chunk's document index [C, 1] (None when docs_ref is None), is loaded one
+  step ahead: the loop's pipelining leaves that load out, and waiting for it put a memory round trip into every
+  step of the chain (packed simple_gla rows 27% slower at 1 x 64K on an H100, 4% with the prefetch)."""
+  chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
+
+  def load(step):
+    return None if docs_ref is None else docs_ref[pl.ds(chunk_start(chunk_of(step), chunk), chunk), :]
+
+  def step_fn(step, carry):
+    value, docs = carry
+    return body(chunk_of(step), value, docs), load(jnp.minimum(step + 1, last - 1))
+
+  return lax.fori_loop(first, last, step_fn, (init, load(jnp.minimum(first, n_chunks - 1))))[0]

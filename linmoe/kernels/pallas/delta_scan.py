@@ -11,12 +11,10 @@ only the keys of the chunk's last document, and Q e^b only the queries that read
 """
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from linmoe.kernels.pallas import _platform, _tile
@@ -38,37 +36,14 @@ class _Chunk(NamedTuple):
   reads_prev: jax.Array | None
 
 
-def _start(n: jax.Array | int, chunk: int) -> jax.Array | int:
-  """First row of chunk n (Triton's lowering takes the alignment hint on traced indices only)."""
-  return n * chunk if isinstance(n, int) else pl.multiple_of(n * chunk, chunk)
-
-
 def _chunk(n: jax.Array, chunk: int, b_ref, doc: jax.Array | None) -> _Chunk:
   """The `_Chunk` of chunk n from the decay ref [T, 1] and the chunk's document index [C, 1] (or None)."""
-  start = _start(n, chunk)
+  start = _tile.chunk_start(n, chunk)
   rows = pl.ds(start, chunk)
   b, b_end = b_ref[rows, :], b_ref[pl.ds(start + chunk - 1, 1), :]
   doc_end = None if doc is None else jnp.max(doc)  # The index only counts up within a chunk.
   return _Chunk(rows, b, seg.keep(seg.in_last(doc, doc_end), jnp.exp(b_end - b)),
                 seg.keep(seg.carries(doc_end), jnp.exp(b_end)), seg.reads_prev(doc))
-
-
-def _over_chunks(body: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array], init: jax.Array,
-                 n_chunks: int, chunk: int, doc_ref, reverse: bool) -> jax.Array:
-  """Runs carry = body(n, carry, doc) over the chunks in scan order and returns the last carry; doc, the
-  chunk's document index [C, 1] (None without boundaries), is loaded one step ahead: the loop's pipelining
-  leaves that load out, and waiting for it puts a memory round trip into every step of the chain."""
-  chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
-
-  def load(step):
-    return None if doc_ref is None else doc_ref[pl.ds(_start(chunk_of(step), chunk), chunk), :]
-
-  def step_fn(step, carry):
-    value, doc = carry
-    doc_next = load(jnp.minimum(step + 1, n_chunks - 1))
-    return body(chunk_of(step), value, doc), doc_next
-
-  return lax.fori_loop(0, n_chunks, step_fn, (init, load(0)))[0]
 
 
 def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype: jnp.dtype,
@@ -86,7 +61,8 @@ def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype
     k_decayed = k_ref[c.rows, :].astype(_tile.F32) * c.key_decay
     return c.state_decay * state + _tile.dot(k_decayed, delta, dtype, trans_a=True)
 
-  final_ref[...] = _over_chunks(body, s0_ref[...], states_ref.shape[0], chunk, doc_ref, reverse=False)
+  n_chunks = states_ref.shape[0]
+  final_ref[...] = _tile.over_chunks(body, s0_ref[...], 0, n_chunks, n_chunks, chunk, doc_ref, reverse=False)
 
 
 def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, ds_ref, *refs, chunk: int, scale: float,
@@ -109,7 +85,8 @@ def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, ds_ref, *refs, chunk: i
     return (c.state_decay * d_state + _tile.dot(q_decayed, do, dtype, trans_a=True)
             - _tile.dot(w_ref[c.rows, :], d_delta, dtype, trans_a=True))
 
-  d_s0_ref[...] = _over_chunks(body, ds_ref[...], d_states_ref.shape[0], chunk, doc_ref, reverse=True)
+  n_chunks = d_states_ref.shape[0]
+  d_s0_ref[...] = _tile.over_chunks(body, ds_ref[...], 0, n_chunks, n_chunks, chunk, doc_ref, reverse=True)
 
 
 _WHOLE, _BLOCK = (lambda i, j: 0), (lambda i, j: j)

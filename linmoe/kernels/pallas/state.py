@@ -57,37 +57,24 @@ def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref,
 
   Refs as in `_scan_kernel`; first <= last <= N are ints or int32 scalars.
   """
-  n_chunks = x_ref.shape[0] // chunk
-  chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
-  start_of = lambda n: pl.multiple_of(n * chunk, chunk)  # noqa: E731
-
-  def body(step, carry):
-    state, d = carry
-    n = chunk_of(step)
-    start = start_of(n)
+  def body(n, state, d):
+    start = _tile.chunk_start(n, chunk)
     rows = pl.ds(start, chunk)
     if states_ref is not None:
       states_ref[n] = state.astype(states_ref.dtype)
     b = b_ref[rows, :]
     b_end = b_ref[start + chunk - 1, :]  # [Kg]
     exponent = b if reverse else b_end[None, :] - b
-    mask = d_next = None
+    mask = None
     if d is not None:  # Rows of the document that reads (backward) or writes (forward) the edge's state.
-      # The next chunk's documents are loaded one step ahead: the loop's pipelining leaves this load out, and
-      # waiting for it made packed rows 27% slower at 1 x 64K (simple_gla fwd + bwd, H100; 4% with this).
-      d_next = d_ref[pl.ds(start_of(chunk_of(jnp.minimum(step + 1, last - 1))), chunk), :]
       d_end = jnp.max(d)  # Documents only count up within a chunk.
       mask = d == 0 if reverse else d == d_end
     x = x_ref[rows, :].astype(_tile.F32) * (factor * _tile.masked_exp(mask, exponent))
     update = _tile.dot(x, y_ref[rows, :], dtype, trans_a=True)
     decay = jnp.exp(b_end) if d is None else jnp.where(d_end == 0, jnp.exp(b_end), 0.0)
-    return decay[:, None] * state + update, d_next
+    return decay[:, None] * state + update
 
-  first_docs = None
-  if d_ref is not None:
-    first_docs = d_ref[pl.ds(start_of(chunk_of(jnp.minimum(first, n_chunks - 1))), chunk), :]
-  state, _ = lax.fori_loop(first, last, body, (state, first_docs))
-  return state
+  return _tile.over_chunks(body, state, first, last, x_ref.shape[0] // chunk, chunk, d_ref, reverse)
 
 
 def _run_bounds(run_length: int, n_chunks: int, runs: int) -> tuple:

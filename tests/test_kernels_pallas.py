@@ -9,7 +9,7 @@ import pytest
 
 from linmoe import kernels
 from linmoe.kernels import segments
-from linmoe.kernels.pallas import state
+from linmoe.kernels.pallas import recurrence, state
 
 # (batch, heads, key_dim, value_dim): small, and one with two key and two value blocks in the program grids.
 SMALL, BLOCKED = (2, 2, 32, 16), (1, 1, 128, 128)
@@ -20,6 +20,8 @@ OPS = {"simple_gla": kernels.simple_gla, "gla": kernels.gla}
 FP32_TOL = 1e-4
 BF16_TOL = 3e-2
 HOSTILE_LOG_DECAYS = (-30.0, -1e4, -np.inf)
+# XLA options of the tests that compile their own functions: the interpreted kernels compile in about half the time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -146,21 +148,24 @@ def test_unsupported_sizes_raise(family, dims, tiling, match):
 
 
 
-def test_split_scan_matches_one_walk():
+@pytest.mark.parametrize("vector_decay", [False, True])
+def test_split_scan_matches_one_walk(vector_decay):
   """The chunk scan cut into 8 runs of 2 chunks (11 chunks: a short run and two empty ones), with documents,
   against one walk over all chunks (which the op tests check against naive), both directions: every stored
-  state and the final one."""
+  state and the final one. Vector decay: key channel 0 never decays, so the runs' folds carry it whole."""
   batch, heads, key_dim, value_dim, chunk, n_chunks = 2, 1, 32, 16, 16, 11
   rng = np.random.default_rng(3)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-  seq = chunk * n_chunks
-  g = jax.nn.log_sigmoid(2.0 + normal(batch, n_chunks, chunk, heads, 1))
+  seq, decay_dim = chunk * n_chunks, key_dim if vector_decay else 1
+  g = jax.nn.log_sigmoid(2.0 + normal(batch, n_chunks, chunk, heads, decay_dim))
+  if vector_decay:
+    g = g.at[..., 0].set(0.0)
   ids = jnp.asarray(np.cumsum(rng.random((batch, seq)) < 0.03, axis=1), jnp.int32)
   args = (normal(batch, seq, heads, key_dim), normal(batch, seq, heads, value_dim),
-          jnp.cumsum(g, axis=2).reshape(batch, seq, heads, 1), normal(batch, heads, key_dim, value_dim),
+          jnp.cumsum(g, axis=2).reshape(batch, seq, heads, decay_dim), normal(batch, heads, key_dim, value_dim),
           segments.chunk_documents(ids, chunk).reshape(batch, seq, 1))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def both_ways(x, y, b, initial, docs):  # One compilation for all four scans.
     scan = functools.partial(state.chunk_scan, x, y, b, initial, chunk=chunk, factor=0.5, block_k=16,
                              block_v=16, docs=docs)
@@ -170,3 +175,25 @@ def test_split_scan_matches_one_walk():
   for reverse in (False, True):
     for name, split, whole in zip(("states", "final"), scans[reverse, 8], scans[reverse, 1]):
       _assert_close(split, whole, FP32_TOL, f"{name} (reverse={reverse})")
+
+
+def test_gla_split_scan_and_recomputed_states_match_naive():
+  """gla through pallas_recurrence with the chunk scan cut into 2 runs (3 chunks: a short run) in both
+  directions and the chunk states recomputed in the backward (save_states=False): outputs, final state and
+  every gradient against naive."""
+  inputs = _inputs("gla", SMALL, seed=4)  # naive's compiled function is test_pallas_matches_naive's
+  cotangent = _cotangent(inputs, seed=4)
+  run = functools.partial(recurrence.pallas_recurrence, scale=SMALL[2]**-0.5, chunk_size=16, sub_chunk_size=16,
+                          runs=2, save_states=False)
+
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  def forward_and_vjp(x, cotangent):
+    outputs, vjp = jax.vjp(lambda x: run(**x), x)
+    return outputs, vjp(cotangent)[0]
+
+  (o, s), grads = forward_and_vjp(inputs, cotangent)
+  (o_ref, s_ref), grads_ref = _forward_and_vjp(inputs, cotangent, "gla", "naive")
+  _assert_close(o, o_ref, FP32_TOL, "o")
+  _assert_close(s, s_ref, FP32_TOL, "final_state")
+  for name, grad in grads.items():
+    _assert_close(grad, grads_ref[name], FP32_TOL, f"grad {name}")

@@ -2,13 +2,13 @@
 
 Forward: `state.chunk_scan` stores the state entering every chunk, (vector decay) `intra.intra_scores`
 the causal intra-chunk scores, and `output.chunk_outputs` the outputs of all chunks in parallel.
-Backward: the residuals are the inputs (q, k, v, the cumulative log decay b and the initial state) and, for
-scalar decay, the chunk states in the inputs' dtype (K x V per chunk and head: with bf16, K = V = 128 and C = 64,
-512 bytes per token and head), which spares the backward a scan (H100, 8 heads, bf16, forward + backward: 2.57
-ms against 2.93 at 1 x 64K, 0.71 against 0.79 at 8 x 2K). Vector decay recomputes its fp32 states and the
-scores, which costs one more scan and score pass but no [T / C, K, V] fp32 array kept alive from the forward
-pass to the backward. The reverse scan gives dL/dh at every chunk edge, then `grads` and (vector decay)
-`intra.intra_grads` give dv, dq, dk and dL/db per chunk.
+Backward: the residuals are the inputs (q, k, v, the cumulative log decay b and the initial state) and the
+chunk states (K x V per chunk and head; with K = V = 128 and C = 64: scalar decay in the inputs' dtype, 512
+bytes per token and head in bf16; vector decay in fp32, 1024 bytes), which spares the backward a scan (H100,
+simple_gla, 8 heads, bf16, forward + backward: 2.57 ms against 2.93 at 1 x 64K, 0.71 against 0.79 at 8 x 2K).
+With save_states=False they are recomputed instead (one more scan, no [T / C, K, V] array kept alive from the
+forward pass to the backward). Vector decay recomputes its intra-chunk scores. The reverse scan gives dL/dh at
+every chunk edge, then `grads` and (vector decay) `intra.intra_grads` give dv, dq, dk and dL/db per chunk.
 The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
 Segment ids reach every kernel as one int32 per token (`segments.chunk_documents`, computed outside), from which
 each kernel masks the pairs, reads and writes of the chunked form exactly as `chunked.py` does (never through
@@ -36,6 +36,8 @@ class _Config:
   sub: int
   block_k: int
   block_v: int
+  runs: int | None  # of `state.chunk_scan`, both directions
+  save_states: bool
 
 
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array, docs: jax.Array | None,
@@ -43,7 +45,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Arr
   """(o [batch, T, heads, V], the final state [batch, heads, K, V] fp32) and the chunk states
   (`state.chunk_scan`), T a multiple of the chunk."""
   states, final = state.chunk_scan(k, v, b, h0, chunk=cfg.chunk, reverse=False, factor=1.0,
-                                   block_k=cfg.block_k, block_v=cfg.block_v, docs=docs)
+                                   block_k=cfg.block_k, block_v=cfg.block_v, docs=docs, runs=cfg.runs)
   scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs) if b.shape[-1] > 1 else None
   o = output.chunk_outputs(q, k, v, b, states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v,
                            docs=docs)
@@ -58,7 +60,7 @@ def _recurrence(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.
 
 def _recurrence_fwd(q, k, v, b, h0, docs, cfg):
   outputs, states = _forward(q, k, v, b, h0, docs, cfg)
-  return outputs, (q, k, v, b, h0, docs, None if b.shape[-1] > 1 else states)
+  return outputs, (q, k, v, b, h0, docs, states if cfg.save_states else None)
 
 
 def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array | None, ...]:
@@ -68,8 +70,8 @@ def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[
   do = do.astype(v.dtype)
   vector_decay = b.shape[-1] > 1
   scan = functools.partial(state.chunk_scan, chunk=cfg.chunk, block_k=cfg.block_k, block_v=cfg.block_v,
-                           docs=docs)
-  if states is None:  # Vector decay: recomputed.
+                           docs=docs, runs=cfg.runs)
+  if states is None:  # save_states=False: recomputed.
     states, _ = scan(k, v, b, h0, reverse=False, factor=1.0)
   d_states, d_h0 = scan(q, do, b, d_final.astype(jnp.float32), reverse=True, factor=cfg.scale)
   scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs) if vector_decay else None
@@ -140,7 +142,8 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
                       initial_state: jax.Array | None = None,
                       chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
                       sub_chunk_size: int = chunked.DEFAULT_SUB_CHUNK_SIZE,
-                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                      segment_ids: jax.Array | None = None, runs: int | None = None,
+                      save_states: bool = True) -> tuple[jax.Array, jax.Array]:
   """Chunked decay recurrence on Pallas kernels; same results as `naive.naive_recurrence`.
 
   Args:
@@ -154,6 +157,9 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
     chunk_size: C, a power of two >= 16; any seq works (zero padding at the end).
     sub_chunk_size: sub-chunk of the vector-decay intra part, a power of two >= 16 dividing C.
     segment_ids: optional document ids [batch, seq]: the state restarts at each new document (segments.py).
+    runs: runs of the split chunk scan, a power of two (`state.chunk_scan`; 1: one walk over every chunk);
+      None takes `state.runs_for`.
+    save_states: keep the forward's chunk states for the backward (else the backward recomputes them).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
@@ -169,7 +175,7 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
   pad = -seq_len % chunk_size
   q, k, v, g = (_pad_seq(x, pad) for x in (q, k, v, g))
   cfg = _Config(scale=float(scale), chunk=chunk_size, sub=sub_chunk_size, block_k=min(BLOCK, key_dim),
-                block_v=min(BLOCK, value_dim))
+                block_v=min(BLOCK, value_dim), runs=runs, save_states=save_states)
   docs = _documents(segment_ids, chunk_size)
   o, final_state = _recurrence(q, k, v, floored_chunk_cumsum(g, chunk_size, segment_ids), h0, docs, cfg)
   return o[:, :seq_len], final_state

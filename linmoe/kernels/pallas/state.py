@@ -6,19 +6,21 @@ inside each chunk and `b_C` its last entry:
   backward (x = scale * q, y = do): dS_n = e^{b_C} dS_{n+1} + (x * e^{b})^T y,      from d final_state.
 The state entering each chunk (in scan order) is stored for the parallel per-chunk kernels: in y's dtype for
 scalar decay (their matmuls take it in that dtype anyway; bf16 halves the bytes of the largest arrays of the
-pass), fp32 for vector decay. The scan itself carries it in fp32.
+pass), fp32 for vector decay (the dq/dk/db kernel forms the decay gradient's state term, per key channel,
+from the fp32 product h_n * dE). The scan itself carries it in fp32.
 With segment ids the state passes through a chunk only if the chunk has no boundary (e^{b_C} is then masked to
 0), the forward sums the keys of the chunk's last document only and the backward the queries that read the
 incoming state (those of its first document).
 
 One program per (key block, batch * head, value block) walks the chunks one after the other, about 2 us a
 chunk on an H100 whatever the block: with few (batch, head) pairs and many chunks that chain is the whole
-time. Scalar decay then cuts the N chunks, in scan order, into `runs` runs of L = ceil(N / runs) chunks:
+time. So the N chunks are cut, in scan order, into `runs` runs of L = ceil(N / runs) chunks:
   1. `_run_end_kernel`, all runs in parallel: E_r, the state at the end of run r started from zero;
-  2. `_run_decays` (XLA): D_r, the product of the chunk decays e^{b_C} of run r (0 if a document starts in it);
+  2. `_run_decays` (XLA): D_r, the product of the chunk decays e^{b_C} of run r (0 if a document starts in
+     it), a scalar for scalar decay and a vector [K] for vector decay;
   3. `_scan_kernel`, all runs in parallel: each program first folds the runs before its own into its entry
-     state, S_r = D_{r-1} S_{r-1} + E_{r-1} from S_0 = the initial state, then walks its run storing the
-     states, and the last run writes the final state.
+     state, S_r = D_{r-1}[:, None] * S_{r-1} + E_{r-1} (elementwise over the key rows) from S_0 = the
+     initial state, then walks its run storing the states, and the last run writes the final state.
 The longest chain of dependent steps is then 2 L + runs instead of N, for twice the matmul work.
 """
 
@@ -38,14 +40,14 @@ SCAN_NUM_STAGES = {"scalar": 3, "vector": 2}
 # Fewest chunks for the split scan (`runs_for`). On an H100 (8 heads, dim 128, bf16, forward scan alone) the
 # split lost at 8 x 2K (32 chunks of 64: 0.31 ms in 2 runs against 0.26 in one) and tied at 4 x 4K (64 chunks),
 # then won: 2 x 8K 0.30 ms (8 runs) against 0.37, 1 x 16K 0.30 (8) against 0.63, 1 x 64K 0.87 (16) against 1.61.
+# Measured for scalar decay; vector decay takes the same rule (its scan costs about as much a chunk).
 SPLIT_MIN_CHUNKS = 128
 
 
-def runs_for(n_chunks: int, vector_decay: bool) -> int:
+def runs_for(n_chunks: int) -> int:
   """Runs of the split scan: the largest power of two <= sqrt(N / 2), which about balances the 2 L steps of
-  the two passes against the runs folded in; 1 (one walk over every chunk) below SPLIT_MIN_CHUNKS chunks and
-  for vector decay."""
-  if vector_decay or n_chunks < SPLIT_MIN_CHUNKS:
+  the two passes against the runs folded in; 1 (one walk over every chunk) below SPLIT_MIN_CHUNKS chunks."""
+  if n_chunks < SPLIT_MIN_CHUNKS:
     return 1
   return 2 ** int(math.log2(n_chunks / 2) / 2)
 
@@ -102,7 +104,7 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse:
   """Walks one run of chunks of one (batch, head, key block, value block), storing the states.
 
   Refs: d [T, 1] int32 documents or None, x [T, BK], y [T, BV], b [T, Kg] fp32 (Kg 1 or BK), s0 [BK, BV] fp32;
-  with runs > 1 the run ends E [R, BK, BV] and decays D [R, 1] fp32 (else None); outputs: states [N, BK, BV]
+  with runs > 1 the run ends E [R, BK, BV] and decays D [R, Kg] fp32 (else None); outputs: states [N, BK, BV]
   (the state entering each chunk in scan order, this run's rows) and final [BK, BV] fp32 (by the last run).
   """
   ends_ref, decays_ref, states_ref, final_ref = refs if runs > 1 else (None, None, *refs)
@@ -123,7 +125,7 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse:
 
 def _run_decays(b: jax.Array, docs: jax.Array | None, chunk: int, reverse: bool, runs: int,
                 run_length: int) -> jax.Array:
-  """D_r, the decay through each run in scan order: [batch, runs, heads, 1] fp32 from b [batch, T, heads, 1]
+  """D_r, the decay through each run in scan order: [batch, runs, heads, Kg] fp32 from b [batch, T, heads, Kg]
   (0 in a run where a document starts: docs [batch, T, 1])."""
   b_end = b[:, chunk - 1::chunk]  # [batch, N, heads, 1]
   pad = runs * run_length - b_end.shape[1]
@@ -133,7 +135,7 @@ def _run_decays(b: jax.Array, docs: jax.Array | None, chunk: int, reverse: bool,
   decays = jnp.exp(jnp.sum(by_run(b_end), axis=2))
   if docs is not None:
     starts = jnp.any(by_run(docs[:, chunk - 1::chunk] != 0), axis=2)  # [batch, runs, 1]
-    decays = jnp.where(starts[:, :, None, :], 0.0, decays)
+    decays = jnp.where(starts[:, :, None, :], 0.0, decays)  # [batch, runs, 1, 1] over heads and Kg
   return decays
 
 
@@ -155,7 +157,8 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
     num_stages: software-pipelining depth of the loop over chunks on the GPU (loads run this far ahead);
       None takes SCAN_NUM_STAGES of the decay.
     docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
-    runs: runs of chunks walked in parallel (a power of two; scalar decay only); None takes `runs_for`.
+    runs: runs of chunks walked in parallel (a power of two; 1 is one walk over every chunk); None takes
+      `runs_for`.
 
   Returns:
     states [batch, T / C, heads, K, V], in y's dtype for scalar decay, fp32 for vector decay: entry n is the
@@ -166,18 +169,19 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
   value_dim, decay_dim = y.shape[-1], b.shape[-1]
   n_chunks = seq // chunk
   vector_decay = decay_dim > 1
-  runs = runs_for(n_chunks, vector_decay) if runs is None else runs
-  if runs > 1 and (vector_decay or runs & (runs - 1)):
-    raise ValueError(f"chunk_scan splits only scalar decay, into a power of two of runs, got {runs}")
+  runs = runs_for(n_chunks) if runs is None else runs
+  if runs < 1 or runs & (runs - 1):
+    raise ValueError(f"chunk_scan needs runs to be a power of two, got {runs}")
   if num_stages is None:
     num_stages = SCAN_NUM_STAGES["vector" if vector_decay else "scalar"]
   n_key_blocks, run_length = key_dim // block_k, -(-n_chunks // runs)
   key_block, value_block = (lambda i, j: i // runs), (lambda i, j: j)
   run, first = (lambda i, j: i % runs), (lambda i, j: 0)
+  block_g, decay_block = (block_k, key_block) if vector_decay else (1, first)
   token_specs = [
       _tile.token_spec(heads, seq, block_k, first, key_block),
       _tile.token_spec(heads, seq, block_v, first, value_block),
-      _tile.token_spec(heads, seq, block_k if vector_decay else 1, first, key_block if vector_decay else first),
+      _tile.token_spec(heads, seq, block_g, first, decay_block),
   ]
   state_spec = functools.partial(_tile.chunk_state_spec, heads, block_k=block_k, block_v=block_v,
                                  k_block=key_block, v_block=value_block)
@@ -198,7 +202,7 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
   if runs > 1:
     (ends,) = call(_run_end_kernel, "linmoe_chunk_scan_ends", [], [state_spec(None, chunk=run)],
                    [jax.ShapeDtypeStruct((batch, runs, heads, key_dim, value_dim), _tile.F32)])
-    run_specs = [state_spec(runs, chunk=first), _tile.token_spec(heads, runs, 1, first, first)]
+    run_specs = [state_spec(runs, chunk=first), _tile.token_spec(heads, runs, block_g, first, decay_block)]
     run_args = (ends, _run_decays(b, docs, chunk, reverse, runs, run_length))
   states, final = call(
       _scan_kernel, "linmoe_chunk_scan", [head_state_spec, *run_specs],

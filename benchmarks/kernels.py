@@ -213,7 +213,8 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
 def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
   """Median ms of each Pallas kernel of both families' forward and backward, on its own (bf16, C 64, c 16).
 
-  The chunk scan also runs with other value blocks and pipelining depths, to show where its time goes.
+  The chunk scan also runs with other value blocks and pipelining depths, and as one walk (runs=1), to show
+  where its time goes.
   """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -243,6 +244,9 @@ def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
         for bv in (32, 64) for ns in (2, 3, 4)}
     stages["chunk_scan_bwd"] = (functools.partial(scan, reverse=True, factor=scale, block_v=block),
                                 (q, do, b, h0))
+    for reverse, args in ((False, (k, v, b, h0)), (True, (q, do, b, h0))):  # one walk, not split into runs
+      stages[f"chunk_scan{'_bwd' if reverse else ''} runs1"] = (
+          functools.partial(scan, reverse=reverse, factor=scale if reverse else 1.0, block_v=block, runs=1), args)
     stages["chunk_outputs"] = (functools.partial(output.chunk_outputs, scale=scale, chunk=chunk, block_v=block),
                                (q, k, v, b, states, scores))
     stages["value_grad"] = (functools.partial(grads.value_grad, scale=scale, chunk=chunk, block_v=block,

@@ -20,7 +20,7 @@ OPS = {"simple_gla": kernels.simple_gla, "gla": kernels.gla}
 FP32_TOL = 1e-4
 BF16_TOL = 3e-2
 HOSTILE_LOG_DECAYS = (-30.0, -1e4, -np.inf)
-# XLA options of the tests that compile their own functions: the interpreted kernels compile in about half the time.
+# XLA options of the tests that compile their own functions: the interpreted kernels compile in half the time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 

@@ -127,7 +127,7 @@ def _run_decays(b: jax.Array, docs: jax.Array | None, chunk: int, reverse: bool,
                 run_length: int) -> jax.Array:
   """D_r, the decay through each run in scan order: [batch, runs, heads, Kg] fp32 from b [batch, T, heads, Kg]
   (0 in a run where a document starts: docs [batch, T, 1])."""
-  b_end = b[:, chunk - 1::chunk]  # [batch, N, heads, 1]
+  b_end = b[:, chunk - 1::chunk]  # [batch, N, heads, Kg]
   pad = runs * run_length - b_end.shape[1]
   order = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)  # noqa: E731
   by_run = lambda x: jnp.pad(order(x), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731

@@ -2,25 +2,24 @@
 flash-linear-attention 0.6.0), cuDNN attention.
 
 For each (batch, seq) shape, heads 8, head dim 128, bf16 inputs (fp32 log decays; the delta rule's keys L2
-normalised, beta in (0, 1)): the median milliseconds of the forward pass and of forward + backward (the vjp of o
-under a random cotangent, every input's gradient). "pallas_packed" is "pallas" on the same shapes packed with
-documents: segment ids with a boundary at PACKED_DOC_LEN - 1 random tokens of every row on average (documents of
-random lengths, PACKED_DOC_LEN on average), to compare with the unpacked rows.
+normalised, beta in (0, 1)): the median milliseconds per call (calls queued as training issues them:
+benchmarks/timing.py) of the forward pass and of forward + backward (the vjp of o under a random cotangent, every
+input's gradient). "pallas_packed" is "pallas" on the same shapes packed with documents: segment ids with a
+boundary at PACKED_DOC_LEN - 1 random tokens of every row on average (documents of random lengths,
+PACKED_DOC_LEN on average), to compare with the unpacked rows.
 flash-linear-attention runs in a PyTorch subprocess, started before JAX takes the GPU; cuDNN attention is
 `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`; with "pallas_packed" and "cudnn" both
 asked, attention on the packed rows too (`causal_attention` with segment ids: JAX's Pallas flash kernel).
 
-  python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 20]
+  python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 9]
       [--families delta_rule,gated_delta_rule] [--breakdown 1x16384]
 """
 
 import argparse
 import functools
 import json
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
@@ -136,20 +135,6 @@ def _packed_segment_ids(batch: int, seq: int, seed: int):
   return jnp.asarray(np.stack(rows), jnp.int32)
 
 
-def _jax_median_ms(fn: Callable, args: tuple, warmup: int, reps: int) -> float:
-  """Median wall-clock ms of fn(*args) to completion (block_until_ready), after warmup calls."""
-  import jax  # noqa: PLC0415
-
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
 def _output_and_grads(out: Callable, *args):
   """out(*args[:-1]) and its vjp under the cotangent args[-1]. The output is returned so that the forward pass
   is timed too: a custom_vjp whose residuals are its inputs would otherwise have its forward kernels removed
@@ -160,13 +145,14 @@ def _output_and_grads(out: Callable, *args):
   return o, vjp(args[-1])
 
 
-def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str], warmup: int,
+def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str],
               reps: int) -> list[dict]:
   """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls` (with
   "pallas_packed" too: attention on the packed rows, `causal_attention` with segment ids)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from benchmarks.timing import time_ms  # noqa: PLC0415
   from linmoe import kernels  # noqa: PLC0415
   from linmoe.layers.attention import causal_attention  # noqa: PLC0415
 
@@ -191,8 +177,8 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
         fwd_bwd = jax.jit(functools.partial(_output_and_grads, out))
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
         rows.append(_row(op_name, impl, batch, seq, _both(
-            lambda: _jax_median_ms(fwd, args, warmup, reps),
-            lambda: _jax_median_ms(fwd_bwd, (*args, do), warmup, reps))))
+            lambda: time_ms(fwd, *args, max_batches=reps),
+            lambda: time_ms(fwd_bwd, *args, do, max_batches=reps))))
         print(json.dumps(rows[-1]), flush=True)
     if "cudnn" not in impls:
       continue
@@ -204,13 +190,13 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
       fwd = jax.jit(attention)
       fwd_bwd = jax.jit(functools.partial(_output_and_grads, attention))
       rows.append(_row("attention", impl, batch, seq, _both(
-          lambda: _jax_median_ms(fwd, (q, k, v), warmup, reps),
-          lambda: _jax_median_ms(fwd_bwd, (q, k, v, do), warmup, reps))))
+          lambda: time_ms(fwd, q, k, v, max_batches=reps),
+          lambda: time_ms(fwd_bwd, q, k, v, do, max_batches=reps))))
       print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
-def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
+def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
   """Median ms of each Pallas kernel of both families' forward and backward, on its own (bf16, C 64, c 16).
 
   The chunk scan also runs with other value blocks and pipelining depths, and as one walk (runs=1), to show
@@ -219,6 +205,7 @@ def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from benchmarks.timing import time_ms  # noqa: PLC0415
   from linmoe.kernels.pallas import grads, intra, output, state  # noqa: PLC0415
 
   chunk, sub, block, scale = 64, 16, 64, DIM**-0.5
@@ -261,7 +248,7 @@ def _breakdown_rows(batch: int, seq: int, warmup: int, reps: int) -> list[dict]:
       stages["intra_grads"] = (functools.partial(intra.intra_grads, chunk=chunk, sub=sub),
                                (q, k, b, d_scores, dq, dk, db))
     for name, (fn, args) in stages.items():
-      timed = _timed(lambda fn=fn, args=args: _jax_median_ms(jax.jit(fn), args, warmup, reps))
+      timed = _timed(lambda fn=fn, args=args: time_ms(jax.jit(fn), *args, max_batches=reps))
       rows.append({"op": op_name, "kernel": name, "batch": batch, "seq": seq,
                    "ms": timed.get("ms", float("nan")), "error": timed.get("error")})
       print(json.dumps(rows[-1]), flush=True)
@@ -282,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", help="JSON file for the results")
   parser.add_argument("--shapes", type=_parse_shapes, default=list(SHAPES), help="e.g. 8x2048,1x65536")
-  parser.add_argument("--reps", type=int, default=20, help="timed calls per JAX case")
-  parser.add_argument("--warmup", type=int, default=3, help="untimed calls per JAX case (compilation included)")
+  parser.add_argument("--reps", type=int, default=9,
+                      help="timed batches of queued calls per JAX case (benchmarks/timing.py; median)")
   parser.add_argument("--warmup-ms", type=int, default=100, help="do_bench warmup of the fla cases")
   parser.add_argument("--rep-ms", type=int, default=500, help="do_bench repetition time of the fla cases")
   parser.add_argument("--fla-timeout", type=float, default=180.0, help="seconds for the fla subprocess")
@@ -301,8 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   rows = (_run_fla(args.shapes, args.families, args.warmup_ms, args.rep_ms, args.fla_timeout)
           if "fla" in args.impls else [])
-  rows += _jax_rows(args.shapes, args.families, args.impls, args.warmup, args.reps)
-  stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.warmup, args.reps)]
+  rows += _jax_rows(args.shapes, args.families, args.impls, args.reps)
+  stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.reps)]
   import jax  # noqa: PLC0415
 
   meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "heads": HEADS, "dim": DIM,

@@ -19,8 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import statistics
-import time
 from collections.abc import Callable
 from unittest import mock
 
@@ -28,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_ms
 from linmoe import kernels
 from linmoe.config import ModelConfig, default_config
 from linmoe.kernels import grouped_matmul_mosaic as gmm_mosaic
@@ -77,24 +76,6 @@ def group_sizes(shape: Shape, layout: str) -> np.ndarray:
   sizes[0] = first
   sizes[1:1 + extra] += 1
   return sizes
-
-
-def time_ms(fn: Callable, *args, budget_s: float = 1.5, max_batches: int = 9) -> float:
-  """Median ms per call of fn(*args), timed in batches of async calls (one sync per batch)."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - start
-  per_batch = max(1, min(50, int(0.05 / max(once, 1e-6))))
-  num_batches = int(max(3, min(max_batches, budget_s / (once * per_batch))))
-  times = []
-  for _ in range(num_batches):
-    start = time.perf_counter()
-    for _ in range(per_batch):
-      out = fn(*args)
-    jax.block_until_ready(out)  # One stream: the last call ends after the others.
-    times.append((time.perf_counter() - start) / per_batch)
-  return 1e3 * statistics.median(times)
 
 
 def forward_and_backward(matmul: Callable) -> Callable:

@@ -10,6 +10,7 @@ ref is None and the kernel compiles without any mask (`with_documents`).
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,17 +132,27 @@ def chunk_start(n: jax.Array | int, chunk: int) -> jax.Array | int:
   return n * chunk if isinstance(n, int) else pl.multiple_of(n * chunk, chunk)
 
 
-def over_chunks(body: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array], init: jax.Array,
+class ChunkDocs(NamedTuple):
+  """A chunk's document index (segments.chunk_documents) as a scan step sees it."""
+  index: jax.Array  # [C, 1] int32
+  last: jax.Array  # [1, 1] int32, the index of the chunk's last token (0: the incoming state passes through)
+
+
+def over_chunks(body: Callable[[jax.Array, jax.Array, ChunkDocs | None], jax.Array], init: jax.Array,
                 first: jax.Array | int, last: jax.Array | int, n_chunks: int, chunk: int, docs_ref,
                 reverse: bool) -> jax.Array:
   """carry = body(n, carry, docs) over scan steps [first, last) (chunk n = step, or N - 1 - step in reverse);
-  returns the last carry. docs, the chunk's document index [C, 1] (None when docs_ref is None), is loaded one
-  step ahead: the loop's pipelining leaves that load out, and waiting for it put a memory round trip into every
-  step of the chain (packed simple_gla rows 27% slower at 1 x 64K on an H100, 4% with the prefetch)."""
+  returns the last carry. docs (None when docs_ref is None) is loaded one step ahead: the loop's pipelining
+  leaves that load out, and waiting for it put a memory round trip into every step of the chain (packed
+  simple_gla rows 27% slower at 1 x 64K on an H100, 4% with the prefetch). Its `last` is loaded on its own,
+  not reduced from `index` in the step: a reduction in every step of the chain cost the packed rows ~10%."""
   chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
 
   def load(step):
-    return None if docs_ref is None else docs_ref[pl.ds(chunk_start(chunk_of(step), chunk), chunk), :]
+    if docs_ref is None:
+      return None
+    start = chunk_start(chunk_of(step), chunk)
+    return ChunkDocs(docs_ref[pl.ds(start, chunk), :], docs_ref[pl.ds(start + chunk - 1, 1), :])
 
   def step_fn(step, carry):
     value, docs = carry

@@ -36,12 +36,12 @@ class _Chunk(NamedTuple):
   reads_prev: jax.Array | None
 
 
-def _chunk(n: jax.Array, chunk: int, b_ref, doc: jax.Array | None) -> _Chunk:
-  """The `_Chunk` of chunk n from the decay ref [T, 1] and the chunk's document index [C, 1] (or None)."""
+def _chunk(n: jax.Array, chunk: int, b_ref, docs: _tile.ChunkDocs | None) -> _Chunk:
+  """The `_Chunk` of chunk n from the decay ref [T, 1] and the chunk's documents (or None)."""
   start = _tile.chunk_start(n, chunk)
   rows = pl.ds(start, chunk)
   b, b_end = b_ref[rows, :], b_ref[pl.ds(start + chunk - 1, 1), :]
-  doc_end = None if doc is None else jnp.max(doc)  # The index only counts up within a chunk.
+  doc, doc_end = (None, None) if docs is None else docs
   return _Chunk(rows, b, seg.keep(seg.in_last(doc, doc_end), jnp.exp(b_end - b)),
                 seg.keep(seg.carries(doc_end), jnp.exp(b_end)), seg.reads_prev(doc))
 
@@ -53,8 +53,8 @@ def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype
   final [K, BV] fp32."""
   doc_ref, (states_ref, delta_ref, final_ref) = seg.split_refs(refs, segmented)
 
-  def body(n, state, doc):
-    c = _chunk(n, chunk, b_ref, doc)
+  def body(n, state, docs):
+    c = _chunk(n, chunk, b_ref, docs)
     states_ref[n] = state.astype(states_ref.dtype)
     delta = u_ref[c.rows, :].astype(_tile.F32) - _tile.dot(w_ref[c.rows, :], state, dtype)
     delta_ref[c.rows, :] = delta.astype(delta_ref.dtype)
@@ -73,9 +73,10 @@ def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, ds_ref, *refs, chunk: i
   is formed here rather than by a kernel of its own, which saves that kernel and an fp32 [T, V] round trip."""
   doc_ref, (d_states_ref, d_delta_ref, d_s0_ref) = seg.split_refs(refs, segmented)
 
-  def body(n, d_state, doc):
-    c = _chunk(n, chunk, b_ref, doc)
+  def body(n, d_state, docs):
+    c = _chunk(n, chunk, b_ref, docs)
     q, k, do = q_ref[c.rows, :], k_ref[c.rows, :], do_ref[c.rows, :]
+    doc = None if docs is None else docs.index
     scores = _tile.scalar_decay_scores(q, k, c.b, dtype, same=_tile.same_document(doc, doc))
     d_local = scale * _tile.dot(scores, do, dtype, trans_a=True)
     d_states_ref[n] = d_state.astype(d_states_ref.dtype)

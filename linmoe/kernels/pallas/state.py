@@ -59,7 +59,7 @@ def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref,
 
   Refs as in `_scan_kernel`; first <= last <= N are ints or int32 scalars.
   """
-  def body(n, state, d):
+  def body(n, state, docs):
     start = _tile.chunk_start(n, chunk)
     rows = pl.ds(start, chunk)
     if states_ref is not None:
@@ -68,13 +68,14 @@ def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref,
     b_end = b_ref[start + chunk - 1, :]  # [Kg]
     exponent = b if reverse else b_end[None, :] - b
     mask = None
-    if d is not None:  # Rows of the document that reads (backward) or writes (forward) the edge's state.
-      d_end = jnp.max(d)  # Documents only count up within a chunk.
-      mask = d == 0 if reverse else d == d_end
+    if docs is not None:  # Rows of the document that reads (backward) or writes (forward) the edge's state.
+      mask = docs.index == 0 if reverse else docs.index == docs.last
     x = x_ref[rows, :].astype(_tile.F32) * (factor * _tile.masked_exp(mask, exponent))
     update = _tile.dot(x, y_ref[rows, :], dtype, trans_a=True)
-    decay = jnp.exp(b_end) if d is None else jnp.where(d_end == 0, jnp.exp(b_end), 0.0)
-    return decay[:, None] * state + update
+    decay = jnp.exp(b_end)[:, None]  # [Kg, 1]
+    if docs is not None:
+      decay = jnp.where(docs.last == 0, decay, 0.0)
+    return decay * state + update
 
   return _tile.over_chunks(body, state, first, last, x_ref.shape[0] // chunk, chunk, d_ref, reverse)
 

@@ -109,18 +109,34 @@ def chunk_cumsum(g_c: jax.Array, masks: ChunkMasks) -> jax.Array:
   crosses a document boundary; the plain cumsum without segment ids.
 
   With segment ids the values are the plain cumsum's (so b stays non-increasing through the chunk, as the
-  sub-chunk factorisations need), but the gradient flows only through the sum restarted at each document:
-  the plain cumsum's gradient into an earlier document is a sum of terms that cancel in exact arithmetic
-  only, which leaves fp32 rounding (~1e-7 relative) where the documents must have none. The restarted sum
-  is one product with the [C, C] mask "earlier or same token, same document" per chunk (exact zeros
-  across documents; fp32 at full precision): a single matmul forward and backward, where a segmented scan
-  took about 2 log2(C) passes of small XLA kernels each way.
+  sub-chunk factorisations need), but the gradient is that of the sum restarted at each document: the plain
+  cumsum's gradient into an earlier document is a sum of terms that cancel in exact arithmetic only, which
+  leaves fp32 rounding (~1e-7 relative) where the documents must have none.
   """
   b = jnp.cumsum(g_c, axis=2)
-  if masks.same is None:
-    return b
-  batch, n_chunks, chunk = g_c.shape[:3]
+  return b if masks.same is None else _cumsum_restarted_grad(g_c, masks.same)
+
+
+@jax.custom_vjp
+def _cumsum_restarted_grad(g_c: jax.Array, same: jax.Array) -> jax.Array:
+  """jnp.cumsum(g_c, axis=2) with the gradient of the sum restarted at each document (same: [batch *
+  n_chunks, C, C] bool, tokens of one document)."""
+  del same
+  return jnp.cumsum(g_c, axis=2)
+
+
+def _cumsum_restarted_grad_fwd(g_c: jax.Array, same: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.cumsum(g_c, axis=2), same
+
+
+def _cumsum_restarted_grad_bwd(same: jax.Array, d_b: jax.Array) -> tuple[jax.Array, None]:
+  """dL/dg_i = sum over t >= i in i's document of dL/db_t: one product with the [C, C] mask "earlier or same
+  token, same document" per chunk (exact zeros across documents; fp32 at full precision), where a segmented
+  scan took about 2 log2(C) passes of small XLA kernels."""
+  batch, n_chunks, chunk = d_b.shape[:3]
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-  within = (masks.same.reshape(batch, n_chunks, chunk, chunk) & causal).astype(g_c.dtype)  # [B, N, t, i]
-  restarted = jnp.einsum("bnti,bni...->bnt...", within, g_c, precision=jax.lax.Precision.HIGHEST)
-  return restarted + jax.lax.stop_gradient(b - restarted)
+  within = (same.reshape(batch, n_chunks, chunk, chunk) & causal).astype(d_b.dtype)  # [B, N, t, i]
+  return jnp.einsum("bnti,bnt...->bni...", within, d_b, precision=jax.lax.Precision.HIGHEST), None
+
+
+_cumsum_restarted_grad.defvjp(_cumsum_restarted_grad_fwd, _cumsum_restarted_grad_bwd)

@@ -1,8 +1,9 @@
 """Multi-query associative recall (MQAR, the Zoology task): recall accuracy against state size.
 
 A sequence starts with `pairs` key-value pairs (keys from the lower half of the vocabulary, values
-from the upper half), then the keys are asked again in random order at random later positions; the
-model must emit each key's value right after the key. Only those positions are scored. Each model
+from the upper half), then the keys are asked again in random order at random later positions, each
+followed by its value (Zoology's layout); the model must predict the value at the key. Only those
+positions are scored. Each model
 (2 blocks of one mixer, a dense SwiGLU MLP, no MoE) is trained from scratch on freshly drawn
 sequences and scored on held-out ones; its state size is the bytes of its decode cache after a
 prompt of the sequence length (LSM memories are fixed, attention KV caches grow with the length).
@@ -31,23 +32,25 @@ VOCAB = 8192  # Zoology's; a smaller one (`--vocab`) is learned in fewer steps
 
 def mqar_batch(key: jax.Array, batch: int, seq: int, pairs: int, vocab: int = VOCAB):
   """inputs [batch, seq], query slots and their answers [batch, A] int32, drawn on the device: the logits
-  at slot s (a repeated key) must predict its value. Keys are distinct within a row; each row asks
-  A = min(pairs, seq - 1 - 2 * pairs) of them, at increasing slots after the pairs."""
+  at slot s (a repeated key) must predict its value, which follows it in the input (Zoology's layout: the
+  query region holds key-value pairs too, at even offsets after the context). Keys are distinct within a
+  row; each row asks A = min(pairs, (seq - 2 * pairs) // 2) of them, in random order."""
   half = vocab // 2
-  asked_count = min(pairs, seq - 1 - 2 * pairs)
+  positions = (seq - 2 * pairs) // 2  # places for a query pair after the context
+  asked_count = min(pairs, positions)
   if half - 1 < pairs or asked_count < 1:
-    raise ValueError(f"MQAR needs vocab/2 - 1 >= pairs and seq > 2 * pairs + 1; got vocab={vocab}, "
+    raise ValueError(f"MQAR needs vocab/2 - 1 >= pairs and seq >= 2 * pairs + 2; got vocab={vocab}, "
                      f"seq={seq}, pairs={pairs}")
 
   def row(key):
     k_keys, k_values, k_slots, k_asked = jax.random.split(key, 4)
     keys = 1 + jax.random.choice(k_keys, half - 1, (pairs,), replace=False)
     values = jax.random.randint(k_values, (pairs,), half, vocab)
-    slots = 2 * pairs + jnp.sort(jax.random.choice(k_slots, seq - 1 - 2 * pairs, (asked_count,),
-                                                   replace=False))
+    slots = 2 * pairs + 2 * jnp.sort(jax.random.choice(k_slots, positions, (asked_count,), replace=False))
     asked = jax.random.permutation(k_asked, pairs)[:asked_count]
     context = jnp.stack([keys, values], axis=1).reshape(-1)
-    inputs = jnp.zeros((seq,), jnp.int32).at[: 2 * pairs].set(context).at[slots].set(keys[asked])
+    inputs = (jnp.zeros((seq,), jnp.int32).at[: 2 * pairs].set(context).at[slots].set(keys[asked])
+              .at[slots + 1].set(values[asked]))
     return inputs, slots.astype(jnp.int32), values[asked]
 
   return jax.vmap(row)(jax.random.split(key, batch))

@@ -162,7 +162,7 @@ def chunked_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *
 
   q_c, k_c, v_c, g_c = (common.to_chunks(x, chunk_size) for x in (q, k, v, g))
   g_c = jnp.maximum(g_c.astype(common.STATE_DTYPE), LOG_DECAY_FLOOR)
-  b = segments.chunk_cumsum(g_c, masks)  # [B, N, C, H, Kg]
+  b = segments.chunk_cumsum(g_c, masks.documents)  # [B, N, C, H, Kg]
   b_last = b[:, :, -1]  # [B, N, H, Kg]
 
   # The intra part treats every chunk of every sequence alike: one flat chunk axis keeps the arrays' rank

@@ -125,7 +125,7 @@ def chunked_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array
   g_c = jnp.maximum(g_c.astype(common.STATE_DTYPE), chunked.LOG_DECAY_FLOOR)
   # The barrier keeps the cumsum out of its consumers' fusions: XLA GPU (jaxlib 0.11.2) fails to compile a
   # transpose fusion that holds it ("Failed to translate module to LLVM IR", seen at seq 1, chunk_size 16).
-  b = jax.lax.optimization_barrier(segments.chunk_cumsum(g_c, masks))  # [B, N, C, H, 1]
+  b = jax.lax.optimization_barrier(segments.chunk_cumsum(g_c, masks.documents))  # [B, N, C, H, 1]
   b_last = b[:, :, -1]  # [B, N, H, 1]
 
   # Per-chunk work on one flat chunk axis (low rank, as in chunked.py).

@@ -56,7 +56,7 @@ def _chunked(q, k, v, a, b, g, *, scale, initial_state, chunk_size=chunked.DEFAU
   masks = segments.chunk_masks(segment_ids, chunk_size)
   q_c, k_c, v_c, a_c, b_c, g_c = (common.to_chunks(x, chunk_size) for x in (q, k, v, a, b, g))
   # B_i, the cumulative log decay inside each chunk: [batch, n_chunks, C, heads, key_dim].
-  cum = segments.chunk_cumsum(jnp.maximum(g_c.astype(f32), chunked.LOG_DECAY_FLOOR), masks)
+  cum = segments.chunk_cumsum(jnp.maximum(g_c.astype(f32), chunked.LOG_DECAY_FLOOR), masks.documents)
   cum_last = cum[:, :, -1]
 
   # Per-chunk work on one flat chunk axis (low rank, as in chunked.py).

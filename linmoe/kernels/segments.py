@@ -74,12 +74,14 @@ class ChunkMasks(NamedTuple):
   in_last: [batch, n_chunks, C], the token is in the chunk's last document, so it writes the outgoing state.
   carries: [batch, n_chunks], the chunk has no boundary, so the incoming state passes through it.
   continues: [batch, n_chunks, C], as `continues`, with the token before the chunk for i = 0.
+  documents: [batch, n_chunks, C] int32, `chunk_documents`.
   """
   same: jax.Array | None = None
   reads_prev: jax.Array | None = None
   in_last: jax.Array | None = None
   carries: jax.Array | None = None
   continues: jax.Array | None = None
+  documents: jax.Array | None = None
 
 
 def chunk_documents(segment_ids: jax.Array, chunk_size: int) -> jax.Array:
@@ -101,41 +103,43 @@ def chunk_masks(segment_ids: jax.Array | None, chunk_size: int) -> ChunkMasks:
   before = jnp.concatenate([jnp.zeros_like(doc[:, :, :1]), doc[:, :, :-1]], axis=2)
   same = doc[:, :, :, None] == doc[:, :, None, :]
   return ChunkMasks(same=same.reshape(-1, chunk_size, chunk_size), reads_prev=doc == 0,
-                    in_last=doc == last[:, :, None], carries=last == 0, continues=doc == before)
+                    in_last=doc == last[:, :, None], carries=last == 0, continues=doc == before,
+                    documents=doc)
 
 
-def chunk_cumsum(g_c: jax.Array, masks: ChunkMasks) -> jax.Array:
+def chunk_cumsum(g_c: jax.Array, documents: jax.Array | None) -> jax.Array:
   """The in-chunk cumulative sum of g_c [batch, n_chunks, C, ...] over axis 2, whose gradient never
-  crosses a document boundary; the plain cumsum without segment ids.
+  crosses a document boundary (documents [batch, n_chunks, C] int32, `chunk_documents`); the plain cumsum
+  when documents is None.
 
-  With segment ids the values are the plain cumsum's (so b stays non-increasing through the chunk, as the
+  With documents the values are the plain cumsum's (so b stays non-increasing through the chunk, as the
   sub-chunk factorisations need), but the gradient is that of the sum restarted at each document: the plain
   cumsum's gradient into an earlier document is a sum of terms that cancel in exact arithmetic only, which
   leaves fp32 rounding (~1e-7 relative) where the documents must have none.
   """
   b = jnp.cumsum(g_c, axis=2)
-  return b if masks.same is None else _cumsum_restarted_grad(g_c, masks.same)
+  return b if documents is None else _cumsum_restarted_grad(g_c, documents)
 
 
 @jax.custom_vjp
-def _cumsum_restarted_grad(g_c: jax.Array, same: jax.Array) -> jax.Array:
-  """jnp.cumsum(g_c, axis=2) with the gradient of the sum restarted at each document (same: [batch *
-  n_chunks, C, C] bool, tokens of one document)."""
-  del same
+def _cumsum_restarted_grad(g_c: jax.Array, documents: jax.Array) -> jax.Array:
+  """jnp.cumsum(g_c, axis=2) with the gradient of the sum restarted at each document."""
+  del documents
   return jnp.cumsum(g_c, axis=2)
 
 
-def _cumsum_restarted_grad_fwd(g_c: jax.Array, same: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return jnp.cumsum(g_c, axis=2), same
+def _cumsum_restarted_grad_fwd(g_c: jax.Array, documents: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.cumsum(g_c, axis=2), documents
 
 
-def _cumsum_restarted_grad_bwd(same: jax.Array, d_b: jax.Array) -> tuple[jax.Array, None]:
+def _cumsum_restarted_grad_bwd(documents: jax.Array, d_b: jax.Array) -> tuple[jax.Array, None]:
   """dL/dg_i = sum over t >= i in i's document of dL/db_t: one product with the [C, C] mask "earlier or same
   token, same document" per chunk (exact zeros across documents; fp32 at full precision), where a segmented
-  scan took about 2 log2(C) passes of small XLA kernels."""
-  batch, n_chunks, chunk = d_b.shape[:3]
+  scan took about 2 log2(C) passes of small XLA kernels. The mask is formed here from the [C] document
+  index, the residual (C times smaller than the mask)."""
+  chunk = d_b.shape[2]
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-  within = (same.reshape(batch, n_chunks, chunk, chunk) & causal).astype(d_b.dtype)  # [B, N, t, i]
+  within = ((documents[..., :, None] == documents[..., None, :]) & causal).astype(d_b.dtype)  # [B, N, t, i]
   return jnp.einsum("bnti,bnt...->bni...", within, d_b, precision=jax.lax.Precision.HIGHEST), None
 
 

@@ -93,8 +93,8 @@ def _chunked(q, k, v, theta, g, g_momentum, *, scale, initial_state, chunk_size=
   q_c, k_c, v_c, theta_c, g_c, gm_c = (common.to_chunks(x, chunk_size) for x in
                                        (q, k, v, theta, g, g_momentum))
   n_chunks = q_c.shape[1]
-  cum_p, cum_h = (segments.chunk_cumsum(jnp.maximum(x.astype(f32), chunked.LOG_DECAY_FLOOR), masks)[..., None]
-                  for x in (g_c, gm_c))  # [B, N, C, H, 1]
+  cum_p, cum_h = (segments.chunk_cumsum(jnp.maximum(x.astype(f32), chunked.LOG_DECAY_FLOOR),
+                                        masks.documents)[..., None] for x in (g_c, gm_c))  # [B, N, C, H, 1]
   flat = lambda x: x.reshape(-1, *x.shape[2:])
   gamma_p, gamma_h = (segments.keep(masks.same, chunked._pairwise_decay(flat(x))[..., 0])
                       for x in (cum_p, cum_h))  # [n, i, j, H]

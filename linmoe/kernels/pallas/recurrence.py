@@ -120,8 +120,8 @@ def floored_chunk_cumsum(g: jax.Array, chunk_size: int, segment_ids: jax.Array |
   with segment ids [batch, seq <= T], no gradient crosses a document boundary (segments.chunk_cumsum)."""
   batch, seq_len = g.shape[:2]
   g = jnp.maximum(g.astype(jnp.float32), chunked.LOG_DECAY_FLOOR)
-  masks = segments.chunk_masks(segment_ids, chunk_size)
-  b = segments.chunk_cumsum(g.reshape(batch, seq_len // chunk_size, chunk_size, *g.shape[2:]), masks)
+  documents = None if segment_ids is None else segments.chunk_documents(segment_ids, chunk_size)
+  b = segments.chunk_cumsum(g.reshape(batch, seq_len // chunk_size, chunk_size, *g.shape[2:]), documents)
   return b.reshape(g.shape)
 
 

@@ -10,7 +10,8 @@ pass), fp32 for vector decay (the dq/dk/db kernel forms the decay gradient's sta
 from the fp32 product h_n * dE). The scan itself carries it in fp32.
 With segment ids the state passes through a chunk only if the chunk has no boundary (e^{b_C} is then masked to
 0), the forward sums the keys of the chunk's last document only and the backward the queries that read the
-incoming state (those of its first document).
+incoming state (those of its first document): XLA folds these masks into the exponents once, as -inf
+(`_masked_exponents`), so the loop's steps are those of unpacked rows.
 
 One program per (key block, batch * head, value block) walks the chunks one after the other, about 2 us a
 chunk on an H100 whatever the block: with few (batch, head) pairs and many chunks that chain is the whole
@@ -52,7 +53,7 @@ def runs_for(n_chunks: int) -> int:
   return 2 ** int(math.log2(n_chunks / 2) / 2)
 
 
-def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref, *, chunk: int, reverse: bool,
+def _walk(ld_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref, *, chunk: int, reverse: bool,
           factor: float, dtype: jnp.dtype) -> jax.Array:
   """Applies the chunks of scan steps [first, last) to state [BK, BV] fp32 and returns the state after them;
   stores the state entering each of those chunks in states_ref [N, BK, BV] unless it is None.
@@ -60,24 +61,22 @@ def _walk(d_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref,
   Refs as in `_scan_kernel`; first <= last <= N are ints or int32 scalars.
   """
   def body(n, state, docs):
+    del docs
     start = _tile.chunk_start(n, chunk)
     rows = pl.ds(start, chunk)
     if states_ref is not None:
       states_ref[n] = state.astype(states_ref.dtype)
-    b = b_ref[rows, :]
-    b_end = b_ref[start + chunk - 1, :]  # [Kg]
-    exponent = b if reverse else b_end[None, :] - b
-    mask = None
-    if docs is not None:  # Rows of the document that reads (backward) or writes (forward) the edge's state.
-      mask = docs.index == 0 if reverse else docs.index == docs.last
-    x = x_ref[rows, :].astype(_tile.F32) * (factor * _tile.masked_exp(mask, exponent))
+    if ld_ref is None:  # b_ref holds b
+      b = b_ref[rows, :]
+      log_decay = b_ref[start + chunk - 1, :]  # [Kg]
+      exponent = b if reverse else log_decay[None, :] - b
+    else:  # b_ref holds x's exponents and ld_ref the chunk log decays, masked (`_masked_exponents`)
+      exponent, log_decay = b_ref[rows, :], ld_ref[n, :]
+    x = x_ref[rows, :].astype(_tile.F32) * (factor * jnp.exp(exponent))
     update = _tile.dot(x, y_ref[rows, :], dtype, trans_a=True)
-    decay = jnp.exp(b_end)[:, None]  # [Kg, 1]
-    if docs is not None:
-      decay = jnp.where(docs.last == 0, decay, 0.0)
-    return decay * state + update
+    return jnp.exp(log_decay)[:, None] * state + update
 
-  return _tile.over_chunks(body, state, first, last, x_ref.shape[0] // chunk, chunk, d_ref, reverse)
+  return _tile.over_chunks(body, state, first, last, x_ref.shape[0] // chunk, chunk, None, reverse)
 
 
 def _run_bounds(run_length: int, n_chunks: int, runs: int) -> tuple:
@@ -87,7 +86,7 @@ def _run_bounds(run_length: int, n_chunks: int, runs: int) -> tuple:
   return run, jnp.minimum(run * run_length, n_chunks), jnp.minimum((run + 1) * run_length, n_chunks)
 
 
-def _run_end_kernel(d_ref, x_ref, y_ref, b_ref, end_ref, *, chunk: int, reverse: bool, factor: float,
+def _run_end_kernel(ld_ref, x_ref, y_ref, b_ref, end_ref, *, chunk: int, reverse: bool, factor: float,
                     dtype: jnp.dtype, runs: int, run_length: int) -> None:
   """E_r: the state after run r of one (batch, head, key block, value block), started from zero.
 
@@ -96,21 +95,23 @@ def _run_end_kernel(d_ref, x_ref, y_ref, b_ref, end_ref, *, chunk: int, reverse:
   n_chunks = x_ref.shape[0] // chunk
   _, first, last = _run_bounds(run_length, n_chunks, runs)
   zero = jnp.zeros(end_ref.shape, _tile.F32)
-  end_ref[...] = _walk(d_ref, x_ref, y_ref, b_ref, zero, first, last, None, chunk=chunk, reverse=reverse,
+  end_ref[...] = _walk(ld_ref, x_ref, y_ref, b_ref, zero, first, last, None, chunk=chunk, reverse=reverse,
                        factor=factor, dtype=dtype)
 
 
-def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse: bool, factor: float,
+def _scan_kernel(ld_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse: bool, factor: float,
                  dtype: jnp.dtype, runs: int, run_length: int) -> None:
   """Walks one run of chunks of one (batch, head, key block, value block), storing the states.
 
-  Refs: d [T, 1] int32 documents or None, x [T, BK], y [T, BV], b [T, Kg] fp32 (Kg 1 or BK), s0 [BK, BV] fp32;
+  Refs: ld None, or with segment ids the masked chunk log decays [N, Kg] fp32; x [T, BK], y [T, BV]; b [T, Kg]
+  fp32 (Kg 1 or BK), the cumulative log decay b, or with ld x's masked exponents (`_masked_exponents`);
+  s0 [BK, BV] fp32;
   with runs > 1 the run ends E [R, BK, BV] and decays D [R, Kg] fp32 (else None); outputs: states [N, BK, BV]
   (the state entering each chunk in scan order, this run's rows) and final [BK, BV] fp32 (by the last run).
   """
   ends_ref, decays_ref, states_ref, final_ref = refs if runs > 1 else (None, None, *refs)
   n_chunks = states_ref.shape[0]
-  walk = functools.partial(_walk, d_ref, x_ref, y_ref, b_ref, chunk=chunk, reverse=reverse, factor=factor,
+  walk = functools.partial(_walk, ld_ref, x_ref, y_ref, b_ref, chunk=chunk, reverse=reverse, factor=factor,
                            dtype=dtype)
   if runs == 1:
     final_ref[...] = walk(s0_ref[...], 0, n_chunks, states_ref)
@@ -124,20 +125,37 @@ def _scan_kernel(d_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse:
     final_ref[...] = state
 
 
-def _run_decays(b: jax.Array, docs: jax.Array | None, chunk: int, reverse: bool, runs: int,
-                run_length: int) -> jax.Array:
-  """D_r, the decay through each run in scan order: [batch, runs, heads, Kg] fp32 from b [batch, T, heads, Kg]
-  (0 in a run where a document starts: docs [batch, T, 1])."""
-  b_end = b[:, chunk - 1::chunk]  # [batch, N, heads, Kg]
-  pad = runs * run_length - b_end.shape[1]
-  order = (lambda x: x[:, ::-1]) if reverse else (lambda x: x)  # noqa: E731
-  by_run = lambda x: jnp.pad(order(x), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
-      x.shape[0], runs, run_length, *x.shape[2:])
-  decays = jnp.exp(jnp.sum(by_run(b_end), axis=2))
-  if docs is not None:
-    starts = jnp.any(by_run(docs[:, chunk - 1::chunk] != 0), axis=2)  # [batch, runs, 1]
-    decays = jnp.where(starts[:, :, None, :], 0.0, decays)  # [batch, runs, 1, 1] over heads and Kg
-  return decays
+def _run_decays(log_decay: jax.Array, reverse: bool, runs: int, run_length: int) -> jax.Array:
+  """D_r, the decay through each run in scan order: [batch, runs, heads, Kg] fp32 from the chunk log decays
+  [batch, N, heads, Kg] (-inf in a chunk a document starts in, so 0 through its run)."""
+  pad = runs * run_length - log_decay.shape[1]
+  ordered = log_decay[:, ::-1] if reverse else log_decay
+  ordered = jnp.pad(ordered, [(0, 0), (0, pad), (0, 0), (0, 0)])
+  return jnp.exp(jnp.sum(ordered.reshape(log_decay.shape[0], runs, run_length, *log_decay.shape[2:]), axis=2))
+
+
+def _masked_exponents(b: jax.Array, docs: jax.Array, chunk: int, reverse: bool) -> tuple[jax.Array, jax.Array]:
+  """The scan's exponents with the document masks folded in (-inf where masked), computed once outside the
+  loop: on an H100 masking inside every step lengthened the chain by about a third (simple_gla, 4 x 4K).
+
+  Args:
+    b: cumulative log decay within each chunk [batch, T, heads, Kg] fp32.
+    docs: documents [batch, T, 1] int32 (segments.chunk_documents).
+    chunk: C.
+    reverse: the backward pass.
+
+  Returns:
+    x's exponents [batch, T, heads, Kg] (b_C - b forward, b backward; -inf outside the document that writes,
+    forward, or reads, backward, the edge's state) and the chunk log decays b_C [batch, N, heads, Kg] (-inf in
+    a chunk with a boundary), fp32.
+  """
+  batch, seq, heads, decay_dim = b.shape
+  b_c = b.reshape(batch, seq // chunk, chunk, heads, decay_dim)
+  b_end = b_c[:, :, -1:]
+  doc = docs.reshape(batch, seq // chunk, chunk, 1, 1)
+  doc_end = doc[:, :, -1:]
+  exponent = jnp.where(doc == 0, b_c, -jnp.inf) if reverse else jnp.where(doc == doc_end, b_end - b_c, -jnp.inf)
+  return exponent.reshape(b.shape), jnp.where(doc_end == 0, b_end, -jnp.inf)[:, :, 0]
 
 
 def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, chunk: int, reverse: bool,
@@ -191,20 +209,25 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
               "run_length": run_length}
   direction = "_bwd" if reverse else ""
 
+  # Packed rows: the masked exponents replace b, and the chunk log decays come as a first input.
+  exponents, log_decay = (b, None) if docs is None else _masked_exponents(b, docs, chunk, reverse)
+  lead_specs = [] if docs is None else [_tile.token_spec(heads, n_chunks, block_g, first, decay_block)]
+
   def call(kernel, name, in_specs, out_specs, out_shape, *args):
-    kernel, doc_specs, doc_args = _tile.with_documents(functools.partial(kernel, **settings), docs,
-                                                       _tile.document_spec(heads, seq, first))
+    kernel = functools.partial(kernel, **settings) if docs is not None else functools.partial(
+        kernel, None, **settings)
     return _platform.pallas_call(
         kernel, name=f"{name}{direction}", grid=(n_key_blocks * runs, batch * heads, value_dim // block_v),
-        num_stages=num_stages, in_specs=[*doc_specs, *token_specs, *in_specs], out_specs=out_specs,
-        out_shape=out_shape)(*doc_args, x, y, b, *args)
+        num_stages=num_stages, in_specs=[*lead_specs, *token_specs, *in_specs], out_specs=out_specs,
+        out_shape=out_shape)(*([] if docs is None else [log_decay]), x, y, exponents, *args)
 
   run_specs, run_args = [], ()
   if runs > 1:
     (ends,) = call(_run_end_kernel, "linmoe_chunk_scan_ends", [], [state_spec(None, chunk=run)],
                    [jax.ShapeDtypeStruct((batch, runs, heads, key_dim, value_dim), _tile.F32)])
     run_specs = [state_spec(runs, chunk=first), _tile.token_spec(heads, runs, block_g, first, decay_block)]
-    run_args = (ends, _run_decays(b, docs, chunk, reverse, runs, run_length))
+    chunk_log_decays = b[:, chunk - 1::chunk] if log_decay is None else log_decay
+    run_args = (ends, _run_decays(chunk_log_decays, reverse, runs, run_length))
   states, final = call(
       _scan_kernel, "linmoe_chunk_scan", [head_state_spec, *run_specs],
       [state_spec(n_chunks, chunk=first), head_state_spec],

@@ -5,7 +5,8 @@ feature blocks. Tile functions work on loaded values; all decays are exponents <
 
 With segment ids, a kernel's first input is `docs` [batch, T, 1] int32 (segments.chunk_documents: the documents
 started in the chunk up to each token, 0 for the document of the token before the chunk); without them that
-ref is None and the kernel compiles without any mask (`with_documents`).
+ref is None and the kernel compiles without any mask (`with_documents`). The decay scans (`state.py`) take
+their masks folded into the exponents instead.
 """
 
 import functools

@@ -8,7 +8,7 @@ trainer's own `train_step` (forward, backward, AdamW; bf16 compute, fp32 master 
 Models: an LSM name (a pure-LSM stack), NAME@PATTERN (e.g. gla@LLLN, a hybrid) or "attention"
 (every block softmax attention, cuDNN flash attention on GPU), all with the preset's MoE. Blocks are
 rematerialized (`--remat`, default block: 64K tokens of A0.3B-2B activations do not fit otherwise) and
-the layer stack is one `nn.scan` where the LSM allows it.
+the layer stack is one `nn.scan`.
 
 The JSON file is rewritten after every case, so a run cut short keeps what it measured. The step is
 compiled from abstract shapes first and its memory printed before any array is allocated
@@ -57,8 +57,7 @@ def peak_flops() -> float | None:
 def model_config(config, name: str, layers: int | None, vocab: int, small: bool,
                  remat: str = "none") -> ModelConfig:
   """The preset config's model section with the mixer `name` (see the module docstring), `remat`
-  per block and the layer stack scanned where the LSM allows it."""
-  from linmoe.layers import DEPTH_DEPENDENT_LSMS  # noqa: PLC0415
+  per block and the layer stack scanned."""
   m = config.model
   m.remat = remat
   lsm, _, pattern = name.partition("@")
@@ -66,7 +65,7 @@ def model_config(config, name: str, layers: int | None, vocab: int, small: bool,
     m.pattern = "N"
   else:
     m.lsm, m.pattern = lsm, pattern or "L"
-  m.scan_layers = m.lsm not in DEPTH_DEPENDENT_LSMS
+  m.scan_layers = True
   if layers:
     m.n_layers = layers
   if small:  # a CPU smoke run of the script itself

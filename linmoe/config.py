@@ -212,7 +212,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
       "train.eval_batches", "train.ckpt_every", "train.keep_checkpoints", "model.mom.num_memories",
       *(f"mesh.{axis}" for axis in MESH_AXES)))
   m, t = config.model, config.train
-  from linmoe.layers import DEPTH_DEPENDENT_LSMS, LSM_LAYERS  # here: the layers import this module
+  from linmoe.layers import LSM_LAYERS  # here: the layers import this module
   _check_choice(config, "model.lsm", tuple(LSM_LAYERS))
   _check_choice(config, "model.compute_dtype", COMPUTE_DTYPES)
   _check_choice(config, "model.kernel_impl", KERNEL_IMPLS)
@@ -226,9 +226,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   _check_choice(config, "model.moe.expert_param_dtype", COMPUTE_DTYPES)
   if not m.pattern or set(m.pattern) - {"L", "N"}:
     _fail("model.pattern", m.pattern, "must be a non-empty string of L (LSM block) and N (attention block)")
-  if m.scan_layers and m.lsm in DEPTH_DEPENDENT_LSMS:
-    _fail("model.scan_layers", m.scan_layers, f"must be False for model.lsm = {m.lsm!r}, whose layers "
-          "depend on their depth (" + ", ".join(DEPTH_DEPENDENT_LSMS) + ")")
   if m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model, f"must be divisible by model.n_heads = {m.n_heads}")
   if m.vocab_size < 0:

@@ -20,7 +20,7 @@ class Block(nn.Module):
   """x + Mixer(norm(x)), then + FFN(norm(x)); [batch, seq, d_model] -> same, plus aux losses."""
   cfg: ModelConfig
   kind: str  # "L" (LSM mixer) or "N" (softmax attention)
-  layer_idx: int
+  layer_idx: int | jax.Array  # depth in the stack (a traced scalar in a scanned stack)
   mode: str = "train"  # see linmoe/layers/mixer.py
   cache_len: int = 0
 
@@ -61,17 +61,20 @@ class Unit(nn.Module):
   [batch, seq, d_model] and segment_ids [batch, seq] | None (the same in every repeat) -> (x, aux stacked
   over the unit's blocks).
 
-  The scanned blocks get `layer_idx` = their position in the unit; `validate` refuses `scan_layers`
-  for the LSMs whose layers depend on their depth (linmoe.layers.DEPTH_DEPENDENT_LSMS)."""
+  `repeat` (int32 scalar, scanned over) numbers the repeat, so each block gets its depth in the whole stack,
+  layer_idx = repeat * len(pattern) + j, as a traced scalar: the LSMs that depend on their depth
+  (lightning, hgrn2, rwkv6, rwkv7) use it in array arithmetic only, so they scan too."""
   cfg: ModelConfig
   mode: str = "train"
   cache_len: int = 0
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> tuple[jnp.ndarray, dict]:
+  def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None,
+               repeat: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
     auxes = []
     for j, kind in enumerate(self.cfg.pattern):
-      block = block_class(self.cfg)(self.cfg, kind, j, self.mode, self.cache_len, name=f"block_{j}")
+      layer_idx = repeat * len(self.cfg.pattern) + j
+      block = block_class(self.cfg)(self.cfg, kind, layer_idx, self.mode, self.cache_len, name=f"block_{j}")
       x, aux = block(x, segment_ids)
       x = constrain(x)
       auxes.append(aux)
@@ -110,9 +113,9 @@ class LinearMoELM(nn.Module):
     if cfg.scan_layers:
       repeats = cfg.n_layers // len(cfg.pattern)
       scanned = nn.scan(Unit, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                        in_axes=nn.broadcast, length=repeats,
+                        in_axes=(nn.broadcast, 0), length=repeats,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, aux = scanned(cfg, mode, cache_len, name="layers")(x, segment_ids)
+      x, aux = scanned(cfg, mode, cache_len, name="layers")(x, segment_ids, jnp.arange(repeats))
       aux_stacks.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux))  # [repeats * unit]
       first_unrolled = repeats * len(cfg.pattern)
     for i in range(first_unrolled, cfg.n_layers):

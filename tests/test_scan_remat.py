@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linmoe.config import ConfigError, ModelConfig, default_config, validate
+from linmoe.config import ModelConfig, default_config
 from linmoe.decode import decode_step, prefill
 from linmoe.model import LinearMoELM
 
@@ -91,8 +91,24 @@ def test_remat_policies_give_the_same_gradients(unrolled, remat):
   assert_grads_close(remat_grads, grads)
 
 
-def test_scan_is_refused_for_depth_dependent_layers():
-  config = default_config()
-  config.model.update(lsm="rwkv6", scan_layers=True)
-  with pytest.raises(ConfigError, match="model.scan_layers = True: must be False for model.lsm = 'rwkv6'"):
-    validate(config, device_count=1)
+@pytest.mark.parametrize("lsm", ["lightning", "hgrn2", "rwkv6", "rwkv7"])
+def test_depth_dependent_layers_scan(lsm):
+  """The LSMs that compute with their depth (decay slopes, gate bounds, depth-dependent inits) get it as a
+  traced scalar in the scanned stack: its depth-dependent inits and its logits equal the unrolled stack's."""
+  cfg = model_config(lsm=lsm, pattern="L", n_layers=3, chunk_size=16)
+  scan_cfg = dataclasses.replace(cfg, scan_layers=True)
+  tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, VOCAB)
+  init = lambda c, seed: nn.meta.unbox(jax.jit(LinearMoELM(c).init)(jax.random.key(seed), tokens)["params"])
+  params, other_seed = init(cfg, 0), init(cfg, 1)
+  deterministic = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, other_seed)
+  expected, scanned = to_scanned(params, cfg), init(scan_cfg, 0)
+  checked = 0
+  for (path, is_fixed), e, a in zip(jax.tree_util.tree_leaves_with_path(to_scanned(deterministic, cfg)),
+                                    jax.tree.leaves(expected), jax.tree.leaves(scanned)):
+    if np.all(is_fixed) and "layers" in jax.tree_util.keystr(path):
+      np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+      checked += 1
+  assert checked > 0 or lsm in ("lightning", "hgrn2")  # (their depth enters the forward only)
+  logits = jax.jit(LinearMoELM(cfg).apply)({"params": params}, tokens)[0]
+  scan_logits = jax.jit(LinearMoELM(scan_cfg).apply)({"params": expected}, tokens)[0]
+  np.testing.assert_allclose(scan_logits, logits, rtol=1e-5, atol=1e-5)

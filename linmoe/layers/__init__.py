@@ -40,5 +40,3 @@ LSM_LAYERS = {
     "rwkv7": RWKV7,
     "mom": MixtureOfMemories,
 }
-# Their layers compute with their depth (layer_idx) in Python, so a scanned stack cannot run them.
-DEPTH_DEPENDENT_LSMS = ("lightning", "hgrn2", "rwkv6", "rwkv7")

@@ -10,7 +10,6 @@ The lower bound beta grows with depth so that upper layers keep longer memories.
 channel across the layers (a cumulative softmax over depth, starting at layer / n_layers); here it is
 that starting value, fixed: beta = layer_idx / n_layers (0 for the first layer).
 """
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +18,18 @@ from linmoe.layers.common import head_projection
 from linmoe.layers.lsm import LSMLayer
 
 
-def lower_bounded_log_sigmoid(logits: jnp.ndarray, bound: float) -> jnp.ndarray:
+def lower_bounded_log_sigmoid(logits: jnp.ndarray, bound: float | jax.Array) -> jnp.ndarray:
   """log(bound + (1 - bound) * sigmoid(logits)), finite (and with finite gradients) for any logits.
 
   Args:
     logits: any shape, fp32.
-    bound: lower bound of the gate, in [0, 1).
+    bound: lower bound of the gate, in [0, 1): a Python number, or a traced scalar in a scanned stack
+      (where bound 0 gives logaddexp(-inf, log_gate) = log_gate exactly).
   """
   log_gate = jax.nn.log_sigmoid(logits)
-  if bound == 0:
+  if isinstance(bound, (int, float)) and bound == 0:
     return log_gate
-  return jnp.logaddexp(math.log(bound), math.log1p(-bound) + log_gate)
+  return jnp.logaddexp(jnp.log(bound), jnp.log1p(-bound) + log_gate)
 
 
 class HGRN2(LSMLayer):

@@ -6,6 +6,7 @@ reads and updates the cache).
 Run the last two with `mutable=["cache"]` (linmoe/decode.py does).
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from linmoe.config import ModelConfig
@@ -24,7 +25,7 @@ def cache_variable(module: nn.Module, mode: str, name: str, init_fn) -> nn.Varia
 class Mixer(nn.Module):
   """Base of the mixers; `cache_len` is the token capacity of attention KV caches (0 in training)."""
   cfg: ModelConfig
-  layer_idx: int
+  layer_idx: int | jax.Array  # depth in the stack; a traced int32 scalar in a scanned stack (model.Unit)
   mode: str = "train"
   cache_len: int = 0
 

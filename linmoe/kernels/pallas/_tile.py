@@ -143,10 +143,11 @@ def over_chunks(body: Callable[[jax.Array, jax.Array, ChunkDocs | None], jax.Arr
                 first: jax.Array | int, last: jax.Array | int, n_chunks: int, chunk: int, docs_ref,
                 reverse: bool) -> jax.Array:
   """carry = body(n, carry, docs) over scan steps [first, last) (chunk n = step, or N - 1 - step in reverse);
-  returns the last carry. docs (None when docs_ref is None) is loaded one step ahead: the loop's pipelining
-  leaves that load out, and waiting for it put a memory round trip into every step of the chain (packed
-  simple_gla rows 27% slower at 1 x 64K on an H100, 4% with the prefetch; loading two or three steps ahead
-  measured no faster). Its `last` is loaded on its own rather than reduced from `index` in every step."""
+  returns the last carry. docs (None when docs_ref is None; the delta rule's scans pass it, the decay scans
+  take their masks folded into their inputs) is loaded one step ahead: the loop's pipelining leaves that load
+  out, and waiting for it put a memory round trip into every step of the chain (packed simple_gla rows, when
+  its scans still masked per step, 27% slower at 1 x 64K on an H100, 4% with the prefetch; loading two or
+  three steps ahead measured no faster). Its `last` is loaded on its own rather than reduced from `index`."""
   chunk_of = lambda step: n_chunks - 1 - step if reverse else step  # noqa: E731
 
   def load(step):

@@ -199,8 +199,8 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
 def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
   """Median ms of each Pallas kernel of both families' forward and backward, on its own (bf16, C 64, c 16).
 
-  The chunk scan also runs with other value blocks and pipelining depths, and as one walk (runs=1), to show
-  where its time goes.
+  The chunk scan also runs with other value blocks and pipelining depths, and as one walk (runs=1), and gla's
+  intra-chunk kernels with 4 and 8 warps, to show where their time goes.
   """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -241,12 +241,16 @@ def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
     key_grads = functools.partial(grads.query_key_grads, scale=scale, chunk=chunk, block_k=block)
     stages["query_key_grads"] = key_grads, (q, k, v, do, b, states, d_states)
     if vector:
-      stages["intra_scores"] = functools.partial(intra.intra_scores, chunk=chunk, sub=sub), (q, k, b)
+      for warps in (4, 8):  # intra kernels hold [C, K] fp32 tiles: do more warps relieve their registers?
+        stages[f"intra_scores warps{warps}"] = (
+            functools.partial(intra.intra_scores, chunk=chunk, sub=sub, num_warps=warps), (q, k, b))
       stages["score_grads"] = functools.partial(grads.score_grads, scale=scale, chunk=chunk), (do, v)
       dq, dk, db = key_grads(q, k, v, do, b, states, d_states)
       d_scores = grads.score_grads(do, v, scale=scale, chunk=chunk)
-      stages["intra_grads"] = (functools.partial(intra.intra_grads, chunk=chunk, sub=sub),
-                               (q, k, b, d_scores, dq, dk, db))
+      for warps in (4, 8):
+        stages[f"intra_grads warps{warps}"] = (
+            functools.partial(intra.intra_grads, chunk=chunk, sub=sub, num_warps=warps),
+            (q, k, b, d_scores, dq, dk, db))
     for name, (fn, args) in stages.items():
       timed = _timed(lambda fn=fn, args=args: time_ms(jax.jit(fn), *args, max_batches=reps))
       rows.append({"op": op_name, "kernel": name, "batch": batch, "seq": seq,

@@ -106,7 +106,7 @@ def _sub_chunk_specs(heads: int, chunk: int, sub: int, widths: tuple[int, ...],
 
 
 def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: int,
-                 docs: jax.Array | None = None) -> jax.Array:
+                 docs: jax.Array | None = None, num_warps: int = _platform.DEFAULT_NUM_WARPS) -> jax.Array:
   """Causal intra-chunk scores of vector decay.
 
   Args:
@@ -115,6 +115,7 @@ def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: i
     chunk: C.
     sub: sub-chunk length c, dividing C.
     docs: optional documents [batch, T, 1] int32 (segments.chunk_documents).
+    num_warps: warps per program on the GPU (benchmarks/kernels.py --breakdown times 4 and 8).
 
   Returns:
     A [batch, T, heads, C] fp32: row t holds A_ij for i = t and j over t's chunk (zero for j > i).
@@ -127,13 +128,14 @@ def intra_scores(q: jax.Array, k: jax.Array, b: jax.Array, *, chunk: int, sub: i
       kernel, name="linmoe_gla_intra_scores", grid=(seq // sub, batch * heads, 1),
       in_specs=[*doc_specs, *_sub_chunk_specs(heads, chunk, sub, (key_dim,) * 3, ())],
       out_specs=_sub_chunk_specs(heads, chunk, sub, (), (chunk,)),
-      out_shape=[jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)])
+      out_shape=[jax.ShapeDtypeStruct((batch, seq, heads, chunk), _tile.F32)], num_warps=num_warps)
   (scores,) = call(*doc_args, q, k, b)
   return scores
 
 
 def intra_grads(q: jax.Array, k: jax.Array, b: jax.Array, d_scores: jax.Array, dq: jax.Array, dk: jax.Array,
-                db: jax.Array, *, chunk: int, sub: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                db: jax.Array, *, chunk: int, sub: int,
+                num_warps: int = _platform.DEFAULT_NUM_WARPS) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Completes dq, dk and db of vector decay with the intra-chunk terms.
 
   Args:
@@ -143,6 +145,7 @@ def intra_grads(q: jax.Array, k: jax.Array, b: jax.Array, d_scores: jax.Array, d
     dq, dk, db: inter-chunk parts [batch, T, heads, K] fp32.
     chunk: C.
     sub: sub-chunk length c, dividing C.
+    num_warps: warps per program on the GPU.
 
   Returns:
     dq, dk [batch, T, heads, K] in q's dtype, db [batch, T, heads, K] fp32.
@@ -153,5 +156,6 @@ def intra_grads(q: jax.Array, k: jax.Array, b: jax.Array, d_scores: jax.Array, d
       grid=(seq // sub, batch * heads, 1),
       in_specs=_sub_chunk_specs(heads, chunk, sub, (key_dim,) * 3 + (chunk,), (key_dim,) * 3),
       out_specs=_sub_chunk_specs(heads, chunk, sub, (), (key_dim,) * 3),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2 + [jax.ShapeDtypeStruct(q.shape, _tile.F32)])
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2 + [jax.ShapeDtypeStruct(q.shape, _tile.F32)],
+      num_warps=num_warps)
   return tuple(call(q, k, b, d_scores, dq, dk, db))

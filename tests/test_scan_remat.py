@@ -91,10 +91,11 @@ def test_remat_policies_give_the_same_gradients(unrolled, remat):
   assert_grads_close(remat_grads, grads)
 
 
-@pytest.mark.parametrize("lsm", ["lightning", "hgrn2", "rwkv6", "rwkv7"])
+@pytest.mark.parametrize("lsm", ["lightning", "hgrn2", "rwkv7"])
 def test_depth_dependent_layers_scan(lsm):
   """The LSMs that compute with their depth (decay slopes, gate bounds, depth-dependent inits) get it as a
-  traced scalar in the scanned stack: its depth-dependent inits and its logits equal the unrolled stack's."""
+  traced scalar in the scanned stack: its depth-dependent inits and its logits equal the unrolled stack's.
+  (rwkv7 inherits rwkv6's depth-dependent inits and adds its own, so rwkv6 is covered through it.)"""
   cfg = model_config(lsm=lsm, pattern="L", n_layers=3, chunk_size=16)
   scan_cfg = dataclasses.replace(cfg, scan_layers=True)
   tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, VOCAB)
@@ -108,7 +109,7 @@ def test_depth_dependent_layers_scan(lsm):
     if np.all(is_fixed) and "layers" in jax.tree_util.keystr(path):
       np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
       checked += 1
-  assert checked > 0 or lsm in ("lightning", "hgrn2")  # (their depth enters the forward only)
+  assert checked > 0 or lsm != "rwkv7"  # (lightning's and hgrn2's depth enters the forward only)
   logits = jax.jit(LinearMoELM(cfg).apply)({"params": params}, tokens)[0]
   scan_logits = jax.jit(LinearMoELM(scan_cfg).apply)({"params": expected}, tokens)[0]
   np.testing.assert_allclose(scan_logits, logits, rtol=1e-5, atol=1e-5)

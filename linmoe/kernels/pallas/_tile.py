@@ -50,7 +50,8 @@ def document_spec(heads: int, rows: int, row_block: BlockIndex) -> pl.BlockSpec:
 def with_documents(kernel: Callable[..., None], docs: jax.Array | None,
                    spec: pl.BlockSpec) -> tuple[Callable[..., None], list[pl.BlockSpec], tuple[jax.Array, ...]]:
   """The kernel, the specs and the arguments to put before the others: docs and its spec, or (no segment
-  ids) nothing, the kernel's first ref bound to None."""
+  ids) nothing, the kernel's first ref bound to None. (The decay scans pass their masked chunk log decays,
+  their only input that exists for packed rows alone.)"""
   if docs is None:
     return functools.partial(kernel, None), [], ()
   return kernel, [spec], (docs,)

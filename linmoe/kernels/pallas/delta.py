@@ -146,6 +146,6 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim))
   doc = recurrence._documents(segment_ids, chunk_size)
-  b = recurrence.floored_chunk_cumsum(g, chunk_size, segment_ids)
+  b = recurrence.floored_chunk_cumsum(g, chunk_size, doc)
   o, final_state = _delta_rule(q, k, v, beta[..., None], b, h0, doc, cfg)
   return o[:, :seq_len], final_state

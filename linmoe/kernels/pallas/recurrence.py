@@ -115,12 +115,13 @@ def _check(key_dim: int, value_dim: int, chunk_size: int, sub_chunk_size: int, v
     raise ValueError(f"sub_chunk_size must divide chunk_size={chunk_size}, got {sub_chunk_size}")
 
 
-def floored_chunk_cumsum(g: jax.Array, chunk_size: int, segment_ids: jax.Array | None) -> jax.Array:
+def floored_chunk_cumsum(g: jax.Array, chunk_size: int, docs: jax.Array | None) -> jax.Array:
   """Floored log decay summed within each chunk: [batch, T, heads, Kg] -> same, fp32 (T a multiple of C);
-  with segment ids [batch, seq <= T], no gradient crosses a document boundary (segments.chunk_cumsum)."""
+  with the kernels' documents docs [batch, T, 1] (`_documents`), no gradient crosses a document boundary
+  (segments.chunk_cumsum)."""
   batch, seq_len = g.shape[:2]
   g = jnp.maximum(g.astype(jnp.float32), chunked.LOG_DECAY_FLOOR)
-  documents = None if segment_ids is None else segments.chunk_documents(segment_ids, chunk_size)
+  documents = None if docs is None else docs.reshape(batch, seq_len // chunk_size, chunk_size)
   b = segments.chunk_cumsum(g.reshape(batch, seq_len // chunk_size, chunk_size, *g.shape[2:]), documents)
   return b.reshape(g.shape)
 
@@ -177,5 +178,5 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
   cfg = _Config(scale=float(scale), chunk=chunk_size, sub=sub_chunk_size, block_k=min(BLOCK, key_dim),
                 block_v=min(BLOCK, value_dim), runs=runs, save_states=save_states)
   docs = _documents(segment_ids, chunk_size)
-  o, final_state = _recurrence(q, k, v, floored_chunk_cumsum(g, chunk_size, segment_ids), h0, docs, cfg)
+  o, final_state = _recurrence(q, k, v, floored_chunk_cumsum(g, chunk_size, docs), h0, docs, cfg)
   return o[:, :seq_len], final_state

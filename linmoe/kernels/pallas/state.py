@@ -211,15 +211,15 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
 
   # Packed rows: the masked exponents replace b, and the chunk log decays come as a first input.
   exponents, log_decay = (b, None) if docs is None else _masked_exponents(b, docs, chunk, reverse)
-  lead_specs = [] if docs is None else [_tile.token_spec(heads, n_chunks, block_g, first, decay_block)]
 
   def call(kernel, name, in_specs, out_specs, out_shape, *args):
-    kernel = functools.partial(kernel, **settings) if docs is not None else functools.partial(
-        kernel, None, **settings)
+    kernel, lead_specs, lead_args = _tile.with_documents(
+        functools.partial(kernel, **settings), log_decay,
+        _tile.token_spec(heads, n_chunks, block_g, first, decay_block))
     return _platform.pallas_call(
         kernel, name=f"{name}{direction}", grid=(n_key_blocks * runs, batch * heads, value_dim // block_v),
         num_stages=num_stages, in_specs=[*lead_specs, *token_specs, *in_specs], out_specs=out_specs,
-        out_shape=out_shape)(*([] if docs is None else [log_decay]), x, y, exponents, *args)
+        out_shape=out_shape)(*lead_args, x, y, exponents, *args)
 
   run_specs, run_args = [], ()
   if runs > 1:

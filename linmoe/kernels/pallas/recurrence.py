@@ -7,7 +7,9 @@ chunk states (K x V per chunk and head; with K = V = 128 and C = 64: scalar deca
 bytes per token and head in bf16; vector decay in fp32, 1024 bytes), which spares the backward a scan (H100,
 simple_gla, 8 heads, bf16, forward + backward: 2.57 ms against 2.93 at 1 x 64K, 0.71 against 0.79 at 8 x 2K).
 With save_states=False they are recomputed instead (one more scan, no [T / C, K, V] array kept alive from the
-forward pass to the backward). Vector decay recomputes its intra-chunk scores. The reverse scan gives dL/dh at
+forward pass to the backward). Vector decay also keeps its intra-chunk scores ([C] fp32 per token and head,
+256 bytes with C = 64), which spares the backward the score kernel; save_states=False recomputes them too.
+The reverse scan gives dL/dh at
 every chunk edge, then `grads` and (vector decay) `intra.intra_grads` give dv, dq, dk and dL/db per chunk.
 The floor and the within-chunk cumulative sum of g stay outside the custom_vjp, so JAX differentiates them.
 Segment ids reach every kernel as one int32 per token (`segments.chunk_documents`, computed outside), from which
@@ -41,15 +43,15 @@ class _Config:
 
 
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.Array, docs: jax.Array | None,
-             cfg: _Config) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-  """(o [batch, T, heads, V], the final state [batch, heads, K, V] fp32) and the chunk states
-  (`state.chunk_scan`), T a multiple of the chunk."""
+             cfg: _Config) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array | None]]:
+  """(o [batch, T, heads, V], the final state [batch, heads, K, V] fp32) and (the chunk states
+  (`state.chunk_scan`), the vector-decay intra-chunk scores or None), T a multiple of the chunk."""
   states, final = state.chunk_scan(k, v, b, h0, chunk=cfg.chunk, reverse=False, factor=1.0,
                                    block_k=cfg.block_k, block_v=cfg.block_v, docs=docs, runs=cfg.runs)
   scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs) if b.shape[-1] > 1 else None
   o = output.chunk_outputs(q, k, v, b, states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v,
                            docs=docs)
-  return (o, final), states
+  return (o, final), (states, scores)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -59,13 +61,13 @@ def _recurrence(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array, h0: jax.
 
 
 def _recurrence_fwd(q, k, v, b, h0, docs, cfg):
-  outputs, states = _forward(q, k, v, b, h0, docs, cfg)
-  return outputs, (q, k, v, b, h0, docs, states if cfg.save_states else None)
+  outputs, saved = _forward(q, k, v, b, h0, docs, cfg)
+  return outputs, (q, k, v, b, h0, docs, *(saved if cfg.save_states else (None, None)))
 
 
 def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[jax.Array | None, ...]:
   """Gradients of (q, k, v, b, h0) from the cotangents of (o, final state); None for the documents."""
-  q, k, v, b, h0, docs, states = residuals
+  q, k, v, b, h0, docs, states, scores = residuals
   do, d_final = cotangents
   do = do.astype(v.dtype)
   vector_decay = b.shape[-1] > 1
@@ -74,7 +76,8 @@ def _recurrence_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[
   if states is None:  # save_states=False: recomputed.
     states, _ = scan(k, v, b, h0, reverse=False, factor=1.0)
   d_states, d_h0 = scan(q, do, b, d_final.astype(jnp.float32), reverse=True, factor=cfg.scale)
-  scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs) if vector_decay else None
+  if vector_decay and scores is None:  # save_states=False: recomputed.
+    scores = intra.intra_scores(q, k, b, chunk=cfg.chunk, sub=cfg.sub, docs=docs)
   dv = grads.value_grad(q, k, b, do, d_states, scores, scale=cfg.scale, chunk=cfg.chunk, block_v=cfg.block_v,
                         dtype=v.dtype, docs=docs)
   dq, dk, db = grads.query_key_grads(q, k, v, do, b, states, d_states, scale=cfg.scale, chunk=cfg.chunk,
@@ -160,7 +163,8 @@ def pallas_recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, *,
     segment_ids: optional document ids [batch, seq]: the state restarts at each new document (segments.py).
     runs: runs of the split chunk scan, a power of two (`state.chunk_scan`; 1: one walk over every chunk);
       None takes `state.runs_for`.
-    save_states: keep the forward's chunk states for the backward (else the backward recomputes them).
+    save_states: keep the forward's chunk states (and vector decay's intra-chunk scores) for the backward
+      (else the backward recomputes them).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.

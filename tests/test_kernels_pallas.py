@@ -9,7 +9,7 @@ import pytest
 
 from linmoe import kernels
 from linmoe.kernels import segments
-from linmoe.kernels.pallas import recurrence, state
+from linmoe.kernels.pallas import intra, recurrence, state
 
 # (batch, heads, key_dim, value_dim): small, and one with two key and two value blocks in the program grids.
 SMALL, BLOCKED = (2, 2, 32, 16), (1, 1, 128, 128)
@@ -121,6 +121,20 @@ def test_hostile_gates_finite_and_match_naive(family, pattern):
   inputs = _inputs(family, SMALL, seed=1)
   inputs["g"] = _hostile_gates(inputs["g"].shape, pattern, seed=1)
   _assert_pallas_matches_naive(family, inputs, seed=1)
+
+
+def test_gla_diagonal_blocks_factored_and_looped():
+  """gla's intra kernels factor a sub-chunk's diagonal block through a matmul when its decay span is at most
+  intra.FACTORED_SPAN, else they loop over its pairs: sub-chunk 0 has a span just under the limit (factored,
+  factors up to ~e^39), sub-chunk 1 one channel just over it (looped), in the same call; against naive."""
+  inputs = _inputs("gla", SMALL, seed=5)  # SMALL's shapes: the compiled functions of test_pallas_matches_naive
+  rng = np.random.default_rng(5)
+  g = np.full(inputs["g"].shape, -0.01, np.float32)
+  g[:, 7] = rng.uniform(intra.FACTORED_SPAN - 10.0, intra.FACTORED_SPAN - 1.0, size=g[:, 7].shape)
+  g[:, 7] *= -1.0
+  g[:, 24, :, 3] = -(intra.FACTORED_SPAN + 5.0)
+  inputs["g"] = jnp.asarray(g)
+  _assert_pallas_matches_naive("gla", inputs, seed=5)
 
 
 @pytest.mark.parametrize("family", OPS)

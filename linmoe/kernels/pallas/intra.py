@@ -2,8 +2,11 @@
 
 A pair (i, j) in different sub-chunks factors as e^{b_i - b_j} = e^{b_i - b_r} e^{b_r - b_j} around a reference
 row r between them (the first row of i's sub-chunk for the scores and dq, the last row of j's sub-chunk for dk):
-both exponents are <= 0 and a matmul does the sum over key channels. A pair inside one sub-chunk takes its
-[c, K] decays directly, one column (or row) per loop step. Every exponent is masked before exp.
+both exponents are <= 0 and a matmul does the sum over key channels. A pair inside one sub-chunk factors the
+same way around the sub-chunk's first (last) row when the sub-chunk's decay span is at most FACTORED_SPAN on
+every key channel: then one factor is >= 1 but at most e^FACTORED_SPAN, far from overflow, and the same matmul
+covers the diagonal block. A sub-chunk with a stronger decay (hostile gates, a saturated softplus) takes its
+[c, K] decays directly instead, one column (or row) per loop step. Every exponent is masked before exp.
 With segment ids the scores of pairs in different documents are 0; so is their dL/dA (`grads.score_grads`), which
 keeps those pairs out of the gradients too.
 """
@@ -18,9 +21,22 @@ from jax.experimental import pallas as pl
 from linmoe.kernels.pallas import _platform, _tile
 
 
+# Largest decay span b_first - b_last (on any key channel) of a sub-chunk whose diagonal block is factored like
+# the off-diagonal ones: its factors stay within e^{+-40} (~1e17), so bf16 and fp32 products of inputs up to
+# ~1e8 cannot overflow, and every factored term keeps its relative precision (no cancellation across factors).
+FACTORED_SPAN = 40.0
+
+
 def _sub_chunk_start(chunk: int, sub: int) -> jax.Array:
   """First row, within its chunk, of the sub-chunk of this program."""
   return pl.multiple_of((pl.program_id(0) % (chunk // sub)) * sub, sub)
+
+
+def _diagonal_rows(b_ref, start: jax.Array, sub: int) -> jax.Array:
+  """Rows of the diagonal block that the matmul covers: sub when the sub-chunk's decay span is at most
+  FACTORED_SPAN on every key channel (b is non-increasing within the chunk), else 0 (the pair loop takes them)."""
+  span = b_ref[pl.ds(start, 1), :] - b_ref[pl.ds(start + sub - 1, 1), :]
+  return sub * (jnp.max(span) <= FACTORED_SPAN).astype(jnp.int32)
 
 
 def _scores_kernel(d_ref, q_ref, k_ref, b_ref, a_ref, *, sub: int, dtype: jnp.dtype) -> None:
@@ -34,17 +50,19 @@ def _scores_kernel(d_ref, q_ref, k_ref, b_ref, a_ref, *, sub: int, dtype: jnp.dt
   rows = pl.ds(start, sub)
   q, b = q_ref[rows, :].astype(_tile.F32), b_ref[rows, :]
   b_first = b_ref[pl.ds(start, 1), :]
-  earlier = _tile.row_ids(chunk) < start
-  k_to_first = k_ref[...].astype(_tile.F32) * _tile.masked_exp(earlier, b_first - b_ref[...])
-  scores = _tile.dot(q * jnp.exp(b - b_first), k_to_first, dtype, trans_b=True)
+  factored = _diagonal_rows(b_ref, start, sub)
+  covered = _tile.row_ids(chunk) < start + factored
+  k_to_first = k_ref[...].astype(_tile.F32) * _tile.masked_exp(covered, b_first - b_ref[...])
   cols, local = _tile.col_ids(chunk), _tile.row_ids(sub)
+  scores = jnp.where(cols <= start + local,
+                     _tile.dot(q * jnp.exp(b - b_first), k_to_first, dtype, trans_b=True), 0.0)
 
   def diagonal(t, scores):
     col = pl.ds(start + t, 1)
     pair = q * k_ref[col, :].astype(_tile.F32) * _tile.masked_exp(local >= t, b - b_ref[col, :])
     return scores + jnp.where(cols == start + t, jnp.sum(pair, axis=1, keepdims=True), 0.0)
 
-  scores = lax.fori_loop(0, sub, diagonal, scores)
+  scores = lax.fori_loop(0, sub - factored, diagonal, scores)
   if d_ref is not None:
     scores = jnp.where(_tile.same_document(d_ref[rows, :], d_ref[...]), scores, 0.0)
   a_ref[...] = scores
@@ -65,12 +83,14 @@ def _grads_kernel(q_ref, k_ref, b_ref, da_ref, dq_ref, dk_ref, db_ref, dq_out, d
   q, k, b = q_ref[rows, :].astype(_tile.F32), k_ref[rows, :].astype(_tile.F32), b_ref[rows, :]
   ids = _tile.row_ids(chunk)
 
+  factored = _diagonal_rows(b_ref, start, sub)  # dA is zero above the diagonal: no mask of the block needed
   b_first = b_ref[pl.ds(start, 1), :]
-  k_to_first = k_ref[...].astype(_tile.F32) * _tile.masked_exp(ids < start, b_first - b_ref[...])
+  k_to_first = k_ref[...].astype(_tile.F32) * _tile.masked_exp(ids < start + factored, b_first - b_ref[...])
   dq = jnp.exp(b - b_first) * _tile.dot(da_ref[rows, :], k_to_first, dtype)
 
   b_last = b_ref[pl.ds(start + sub - 1, 1), :]
-  q_from_last = q_ref[...].astype(_tile.F32) * _tile.masked_exp(ids >= start + sub, b_ref[...] - b_last)
+  q_from_last = (q_ref[...].astype(_tile.F32)
+                 * _tile.masked_exp(ids >= start + sub - factored, b_ref[...] - b_last))
   dk = jnp.exp(b_last - b) * _tile.dot(da_ref[:, rows], q_from_last, dtype, trans_a=True)
 
   local = _tile.row_ids(sub)
@@ -84,7 +104,7 @@ def _grads_kernel(q_ref, k_ref, b_ref, da_ref, dq_ref, dk_ref, db_ref, dq_out, d
            * _tile.masked_exp(local <= t, b_other - b))
     return dq, dk
 
-  dq, dk = lax.fori_loop(0, sub, diagonal, (dq, dk))
+  dq, dk = lax.fori_loop(0, sub - factored, diagonal, (dq, dk))
   dq_out[...] = (dq_ref[...] + dq).astype(dq_out.dtype)
   dk_out[...] = (dk_ref[...] + dk).astype(dk_out.dtype)
   db_out[...] = db_ref[...] + q * dq - k * dk

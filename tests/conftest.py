@@ -3,40 +3,19 @@ import io
 import json
 import os
 
-import pytest
-import zstandard
+# The suite compiles hundreds of small programs and runs each a few times: LLVM's optimisation passes cost
+# more than they save (CPU time -29%, wall -17% on test_lsm_zoo's retnet and mamba2 cases; the multi-device
+# tests ran so from the start). Set before JAX's CPU backend starts; subprocesses (the notebook) inherit it.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
-from linmoe.config import default_config
+import pytest  # noqa: E402 - after XLA_FLAGS, before anything imports JAX.
+import zstandard  # noqa: E402
+
+from linmoe.config import default_config  # noqa: E402
 
 BUNDLED_CORPUS = "data/kjv.jsonl.zst"
 # tests/multidevice needs 8 devices from process start: tests/test_multidevice.py runs it apart.
 collect_ignore = [] if os.environ.get("LINMOE_MULTIDEVICE") == "1" else ["multidevice"]
-# Modules whose tests compile nothing in common (one model or one 8-device subprocess each): under
-# pytest-xdist they are spread over the workers test by test, and they run first, as the longest.
-SPREAD_MODULES = ("test_multidevice", "test_lsm_zoo", "test_scan_remat")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-  """`pytest -n 2` (the README's test command) schedules by the groups below, in the collected order."""
-  from xdist.scheduler import LoadGroupScheduling  # noqa: PLC0415 - only where xdist runs.
-  config.option.loadscopereorder = False
-  return LoadGroupScheduling(config, log)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-  """Groups the tests for pytest-xdist: a module's tests run on one worker, in order, so they share their
-  compiled functions (JAX caches them per process); the tests of SPREAD_MODULES go one by one, and first.
-  Without xdist the groups are unused marks and only the order changes."""
-  del config
-
-  def module(item) -> str:
-    return item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-
-  rank = {name: i for i, name in enumerate(SPREAD_MODULES)}
-  items.sort(key=lambda item: rank.get(module(item), len(rank)))  # stable: the other modules keep their order
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(item.nodeid if module(item) in rank else module(item)))
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,6 @@ OPS = {"simple_gla": kernels.simple_gla, "gla": kernels.gla}
 FP32_TOL = 1e-4
 BF16_TOL = 3e-2
 HOSTILE_LOG_DECAYS = (-30.0, -1e4, -np.inf)
-# XLA options of the tests that compile their own functions: the interpreted kernels compile in half the time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +177,7 @@ def test_split_scan_matches_one_walk(vector_decay):
           jnp.cumsum(g, axis=2).reshape(batch, seq, heads, decay_dim), normal(batch, heads, key_dim, value_dim),
           segments.chunk_documents(ids, chunk).reshape(batch, seq, 1))
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit
   def both_ways(x, y, b, initial, docs):  # One compilation for all four scans.
     scan = functools.partial(state.chunk_scan, x, y, b, initial, chunk=chunk, factor=0.5, block_k=16,
                              block_v=16, docs=docs)
@@ -200,7 +198,7 @@ def test_gla_split_scan_and_recomputed_states_match_naive():
   run = functools.partial(recurrence.pallas_recurrence, scale=SMALL[2]**-0.5, chunk_size=16, sub_chunk_size=16,
                           runs=2, save_states=False)
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit
   def forward_and_vjp(x, cotangent):
     outputs, vjp = jax.vjp(lambda x: run(**x), x)
     return outputs, vjp(cotangent)[0]

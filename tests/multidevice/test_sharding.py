@@ -11,9 +11,6 @@ import functools
 import json
 import os
 
-# Compile faster (these tests compile 17 programs): LLVM's expensive passes do not change fp32 results.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -128,8 +128,7 @@ def test_gla_diagonal_blocks_factored_and_looped():
   inputs = _inputs("gla", SMALL, seed=5)  # SMALL's shapes: the compiled functions of test_pallas_matches_naive
   rng = np.random.default_rng(5)
   g = np.full(inputs["g"].shape, -0.01, np.float32)
-  g[:, 7] = rng.uniform(intra.FACTORED_SPAN - 10.0, intra.FACTORED_SPAN - 1.0, size=g[:, 7].shape)
-  g[:, 7] *= -1.0
+  g[:, 7] = -rng.uniform(intra.FACTORED_SPAN - 10.0, intra.FACTORED_SPAN - 1.0, size=g[:, 7].shape)
   g[:, 24, :, 3] = -(intra.FACTORED_SPAN + 5.0)
   inputs["g"] = jnp.asarray(g)
   _assert_pallas_matches_naive("gla", inputs, seed=5)

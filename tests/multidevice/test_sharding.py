@@ -1,5 +1,5 @@
-"""Every mesh gives the numbers of one device: the loss and every gradient of a tiny LLLN hybrid MoE
-model, and the losses `Trainer` logs.
+"""Every mesh gives the numbers of one device: the loss and every gradient of a tiny hybrid MoE model
+(one LSM block, one attention block), and the losses `Trainer` logs.
 
 Tolerance (fp32): the sharded program sums in another order (partial sums per shard, then a reduction),
 so values agree to rounding: loss within rtol 1e-5; each gradient within rtol 1e-4 plus an atol of
@@ -47,9 +47,9 @@ CASES = [
 
 
 def model_config(lsm: str) -> ModelConfig:
-  """d_model 32, 2 heads, LLLN, a 4-expert top-2 MoE of width 32."""
+  """d_model 32, 2 heads, pattern LN (two blocks: compiles stay short), a 4-expert top-2 MoE of width 32."""
   m = default_config().model
-  m.update(lsm=lsm, pattern="LLLN", n_layers=4, d_model=32, n_heads=2, chunk_size=16)
+  m.update(lsm=lsm, pattern="LN", n_layers=2, d_model=32, n_heads=2, chunk_size=16)
   m.moe.update(num_experts=4, top_k=2, d_ff=32)
   m.mom.update(num_memories=2, top_k=1)
   return ModelConfig.from_config(m, VOCAB)

@@ -12,7 +12,7 @@ flash-linear-attention runs in a PyTorch subprocess, started before JAX takes th
 asked, attention on the packed rows too (`causal_attention` with segment ids: JAX's Pallas flash kernel).
 
   python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 9]
-      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384]
+      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384] [--chunk-sizes 64,128]
 """
 
 import argparse
@@ -37,8 +37,9 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
   return [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
 
 
-def _row(op: str, impl: str, batch: int, seq: int, times: dict) -> dict:
-  return {"op": op, "impl": impl, "batch": batch, "seq": seq, **times}
+def _row(op: str, impl: str, batch: int, seq: int, times: dict, chunk: int | None = None) -> dict:
+  """One result; `chunk`: our ops' chunk size (None for fla and attention)."""
+  return {"op": op, "impl": impl, "batch": batch, "seq": seq, "chunk": chunk, **times}
 
 
 def _timed(measure: Callable[[], float]) -> dict:
@@ -146,9 +147,9 @@ def _output_and_grads(out: Callable, *args):
 
 
 def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str],
-              reps: int) -> list[dict]:
-  """Our impls (of `impls`) of `families`, and cuDNN attention if "cudnn" is in `impls` (with
-  "pallas_packed" too: attention on the packed rows, `causal_attention` with segment ids)."""
+              reps: int, chunk_sizes: Sequence[int] = (64,)) -> list[dict]:
+  """Our impls (of `impls`) of `families` at each of `chunk_sizes`, and cuDNN attention if "cudnn" is in
+  `impls` (with "pallas_packed" too: attention on the packed rows, `causal_attention` with segment ids)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -168,9 +169,9 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
              "delta_rule": {"beta": jax.nn.sigmoid(jax.random.normal(keys[6], (batch, seq, HEADS), jnp.bfloat16))}}
     extra["gated_delta_rule"] = extra["delta_rule"] | extra["simple_gla"]
     packed = {"segment_ids": _packed_segment_ids(batch, seq, seed=seq)}
-    for op_name in families:
+    for op_name, chunk in ((o, c) for o in families for c in chunk_sizes):
       for impl in (i for i in OUR_IMPLS if i in impls):
-        op = functools.partial(ops[op_name], **(packed if impl == "pallas_packed" else {}))
+        op = functools.partial(ops[op_name], chunk_size=chunk, **(packed if impl == "pallas_packed" else {}))
         op_impl = "pallas" if impl == "pallas_packed" else impl
         out = lambda *a, op=op, impl=op_impl: op(*a, impl=impl)[0]  # noqa: E731
         fwd = jax.jit(out)
@@ -178,7 +179,7 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
         rows.append(_row(op_name, impl, batch, seq, _both(
             lambda: time_ms(fwd, *args, max_batches=reps),
-            lambda: time_ms(fwd_bwd, *args, do, max_batches=reps))))
+            lambda: time_ms(fwd_bwd, *args, do, max_batches=reps)), chunk))
         print(json.dumps(rows[-1]), flush=True)
     if "cudnn" not in impls:
       continue
@@ -262,10 +263,10 @@ def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
 def _table(rows: Sequence[dict]) -> str:
   """One line per (batch, seq, op, impl): fwd and fwd+bwd ms."""
   fmt = lambda x: "-" if x is None else f"{x:9.3f}"  # noqa: E731
-  lines = [f"{'batch':>5} {'seq':>6} {'op':<16} {'impl':<13} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
-  for r in sorted(rows, key=lambda r: (r["seq"] * r["batch"], r["seq"], r["op"], r["impl"])):
-    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<16} {r['impl']:<13} {fmt(r['fwd_ms']):>9} "
-                 f"{fmt(r['fwd_bwd_ms']):>9}  {r['error'] or ''}")
+  lines = [f"{'batch':>5} {'seq':>6} {'op':<16} {'impl':<13} {'chunk':>5} {'fwd ms':>9} {'fwd+bwd':>9}  note"]
+  for r in sorted(rows, key=lambda r: (r["seq"] * r["batch"], r["seq"], r["op"], r["impl"], r["chunk"] or 0)):
+    lines.append(f"{r['batch']:>5} {r['seq']:>6} {r['op']:<16} {r['impl']:<13} {r['chunk'] or '-':>5} "
+                 f"{fmt(r['fwd_ms']):>9} {fmt(r['fwd_bwd_ms']):>9}  {r['error'] or ''}")
   return "\n".join(lines)
 
 
@@ -284,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help=f"comma-separated subset of {','.join(FAMILIES)}")
   parser.add_argument("--breakdown", type=_parse_shapes, default=[],
                       help="shapes (e.g. 1x16384) at which to time every Pallas kernel on its own")
+  parser.add_argument("--chunk-sizes", type=lambda t: [int(c) for c in t.split(",")], default=[64],
+                      help="chunk sizes of our impls, e.g. 64,128 (fla and attention: their own)")
   parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -292,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   rows = (_run_fla(args.shapes, args.families, args.warmup_ms, args.rep_ms, args.fla_timeout)
           if "fla" in args.impls else [])
-  rows += _jax_rows(args.shapes, args.families, args.impls, args.reps)
+  rows += _jax_rows(args.shapes, args.families, args.impls, args.reps, args.chunk_sizes)
   stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.reps)]
   import jax  # noqa: PLC0415
 

@@ -1,6 +1,6 @@
 """Tiny hybrids with the sequence split 8 ways: the loss and every parameter gradient equal one device's.
 
-Two models (two compiles each, to keep CI short): the LLLN MoE hybrid (`LinearMoELM`) with MoM layers of
+Two models (two compiles each, to keep CI short): the LN MoE hybrid (`LinearMoELM`) with MoM layers of
 two GLA memories and a shared one, and a hybrid with one LSM block of an instance of each other family
 and one attention block: mamba2 (simple_gla, short conv), rwkv6 (gla_bonus, token shift), mamba
 (diagonal_ssm, conv), gated_deltanet (delta_rule, convs), rwkv7 (dplr), titans. Both end in a LASP-2H
@@ -51,7 +51,7 @@ class EachFamily(nn.Module):
 
 
 MODELS = {
-    "llln_moe_mom": lambda: LinearMoELM(_config("mom", 4, "LLLN")),
+    "ln_moe_mom": lambda: LinearMoELM(_config("mom", 2, "LN")),
     "each_family": lambda: EachFamily(_config("gla", len(FAMILY_INSTANCES) + 1, num_experts=1)),
 }
 
@@ -86,7 +86,7 @@ def test_loss_and_grads_match_one_device(name):
 
 
 def test_sequence_length_not_divisible_is_refused():
-  model = MODELS["llln_moe_mom"]()
+  model = MODELS["ln_moe_mom"]()
   tokens = jnp.zeros((BATCH, SEQ + 4), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens[:, :SEQ])["params"]
   with jax.set_mesh(_sequence_mesh()):

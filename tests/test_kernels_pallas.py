@@ -92,7 +92,7 @@ def test_pallas_matches_naive(family, dims, with_state):
   _assert_pallas_matches_naive(family, _inputs(family, dims, seed=0, with_state=with_state), seed=0)
 
 
-def _hostile_gates(shape: tuple[int, ...], pattern: str, seed: int) -> jax.Array:
+def hostile_gates(shape: tuple[int, ...], pattern: str, seed: int) -> jax.Array:
   """Log decays with the extremes seen in training.
 
   "zero": no decay anywhere. "scattered": weak decay, with -30, -1e4 or -inf (all channels) on a fifth of the
@@ -117,7 +117,7 @@ def _hostile_gates(shape: tuple[int, ...], pattern: str, seed: int) -> jax.Array
 ])
 def test_hostile_gates_finite_and_match_naive(family, pattern):
   inputs = _inputs(family, SMALL, seed=1)
-  inputs["g"] = _hostile_gates(inputs["g"].shape, pattern, seed=1)
+  inputs["g"] = hostile_gates(inputs["g"].shape, pattern, seed=1)
   _assert_pallas_matches_naive(family, inputs, seed=1)
 
 
@@ -126,12 +126,18 @@ def test_gla_diagonal_blocks_factored_and_looped():
   intra.FACTORED_SPAN, else they loop over its pairs: sub-chunk 0 has a span just under the limit (factored,
   factors up to ~e^39), sub-chunk 1 one channel just over it (looped), in the same call; against naive."""
   inputs = _inputs("gla", SMALL, seed=5)  # SMALL's shapes: the compiled functions of test_pallas_matches_naive
-  rng = np.random.default_rng(5)
-  g = np.full(inputs["g"].shape, -0.01, np.float32)
+  inputs["g"] = span_limit_gates(inputs["g"].shape, seed=5)
+  _assert_pallas_matches_naive("gla", inputs, seed=5)
+
+
+def span_limit_gates(shape: tuple[int, ...], seed: int) -> jax.Array:
+  """gla log decays [batch, T, heads, K] (T >= 32) of weak decay, but for token 7 (sub-chunk 0's span just
+  under intra.FACTORED_SPAN on every channel) and token 24 on channel 3 (sub-chunk 1's span just over it)."""
+  rng = np.random.default_rng(seed)
+  g = np.full(shape, -0.01, np.float32)
   g[:, 7] = -rng.uniform(intra.FACTORED_SPAN - 10.0, intra.FACTORED_SPAN - 1.0, size=g[:, 7].shape)
   g[:, 24, :, 3] = -(intra.FACTORED_SPAN + 5.0)
-  inputs["g"] = jnp.asarray(g)
-  _assert_pallas_matches_naive("gla", inputs, seed=5)
+  return jnp.asarray(g)
 
 
 @pytest.mark.parametrize("family", OPS)

@@ -15,7 +15,7 @@ from linmoe import kernels
 from linmoe.kernels import common
 from linmoe.kernels.pallas import delta as pallas_delta
 # `_fp32_matmuls` is the pallas tests' autouse fixture (true fp32 matmuls), imported to apply here too.
-from tests.test_kernels_pallas import FP32_TOL, _assert_close, _fp32_matmuls, _hostile_gates  # noqa: F401
+from tests.test_kernels_pallas import FP32_TOL, _assert_close, _fp32_matmuls, hostile_gates  # noqa: F401
 from tests.test_kernels_segments import BATCH, SEQ, _hostile_boundaries, assert_packed_matches_separate
 
 SEQ_LEN, CHUNK = 37, 16  # Three chunks, the last one padded.
@@ -94,7 +94,7 @@ def test_hostile_gates_and_beta_match_naive(pattern):
   inputs = _inputs(SMALL, seed=3, with_state=True, gated=True)
   beta = np.array(inputs["beta"])
   beta[:, 0::3], beta[:, 1::3] = 0.0, 1.0
-  inputs |= {"g": _hostile_gates(inputs["g"].shape, pattern, seed=3), "beta": jnp.asarray(beta)}
+  inputs |= {"g": hostile_gates(inputs["g"].shape, pattern, seed=3), "beta": jnp.asarray(beta)}
   _assert_pallas_matches_naive(inputs, seed=3)
 
 

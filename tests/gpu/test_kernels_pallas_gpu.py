@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from tests.test_kernels_pallas import hostile_gates, span_limit_gates
 from tests.test_kernels_segments import layout
 
 pytestmark = [pytest.mark.gpu,
@@ -105,6 +106,27 @@ def test_grads_match_naive(family, dtype, tol):
   """T = 1000 is no multiple of the chunk: the padded tail is covered."""
   inputs = _inputs(family, batch=2, seq_len=1000, dtype=dtype, seed=0)
   _compare_with_grads(family, inputs, "naive", tol, f"{family} {jnp.dtype(dtype).name} T=1000")
+
+
+@pytest.mark.parametrize("family,pattern", [
+    ("simple_gla", "zero"), ("simple_gla", "scattered"),
+    ("gla", "zero"), ("gla", "scattered"), ("gla", "per_channel"),
+])
+def test_hostile_gates_match_naive(family, pattern):
+  """fp32, T = 700: log decays of exactly 0, or -30, -1e4 and -inf amid weak decay (scattered tokens, or per
+  key channel for gla; `hostile_gates`): outputs, state and every gradient finite and equal to naive's."""
+  inputs = _inputs(family, batch=2, seq_len=700, dtype=jnp.float32, seed=4)
+  inputs["g"] = hostile_gates(inputs["g"].shape, pattern, seed=4)
+  _compare_with_grads(family, inputs, "naive", FP32_TOL, f"{family} float32 hostile {pattern}")
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_gla_diagonal_blocks_factored_and_looped(dtype, tol):
+  """One sub-chunk whose decay span is just under intra.FACTORED_SPAN (its diagonal block through the factored
+  matmul, factors up to ~e^39) and one just over it (the pair loop), in one call, against naive."""
+  inputs = _inputs("gla", batch=2, seq_len=700, dtype=dtype, seed=5)
+  inputs["g"] = span_limit_gates(inputs["g"].shape, seed=5).astype(dtype)
+  _compare_with_grads("gla", inputs, "naive", tol, f"gla {jnp.dtype(dtype).name} factored span limit")
 
 
 @pytest.mark.parametrize("family", OPS)

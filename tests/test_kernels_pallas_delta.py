@@ -114,6 +114,7 @@ def test_hostile_gates_at_boundaries():
 
 @pytest.mark.parametrize("dims,chunk_size,match", [
     ((1, 1, 32, 64), CHUNK, "key_dim"), ((1, 1, 64, 96), CHUNK, "value_dim"), (SMALL, 48, "chunk_size"),
+    (SMALL, 128, "chunk_size"),
 ])
 def test_unsupported_sizes_raise(dims, chunk_size, match):
   inputs = _inputs(dims, seed=0, with_state=False, gated=True)

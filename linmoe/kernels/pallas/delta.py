@@ -28,6 +28,9 @@ from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, recurre
 
 HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
 MIN_CHUNK = 16  # Smallest matmul side of the Triton lowering.
+# Largest chunk: at C = 128 (K = V = 128, bf16) the backward scan asks an H100 for 320 KiB of shared memory,
+# over its 227 KiB, and the forward ran 2.2x slower than at C = 64 (benchmarks/RESULTS.md, tenth session).
+MAX_CHUNK = 64
 BLOCK_K = 64  # Key block of the key-gradient programs.
 # Value block of the scans, whose programs run over batch * heads * value blocks: narrower blocks when few
 # (batch * head) programs would leave most of the GPU idle.
@@ -89,13 +92,13 @@ _delta_rule.defvjp(_delta_rule_fwd, _delta_rule_bwd)
 
 def _check(key_dim: int, value_dim: int, chunk_size: int) -> None:
   """Raises ValueError, naming the size, unless the head dims are in HEAD_DIMS and the chunk a power of two
-  >= MIN_CHUNK."""
+  in [MIN_CHUNK, MAX_CHUNK]."""
   for name, size in (("key_dim", key_dim), ("value_dim", value_dim)):
     if size not in HEAD_DIMS:
       raise ValueError(f"impl='pallas' of delta_rule needs {name} in {HEAD_DIMS}, got {size}")
-  if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
-    raise ValueError(f"impl='pallas' of delta_rule needs chunk_size a power of two >= {MIN_CHUNK}, "
-                     f"got {chunk_size}")
+  if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size & (chunk_size - 1):
+    raise ValueError(f"impl='pallas' of delta_rule needs chunk_size a power of two from {MIN_CHUNK} to "
+                     f"{MAX_CHUNK}, got {chunk_size}")
 
 
 def supports(key_dim: int, value_dim: int, chunk_size: int) -> bool:
@@ -126,7 +129,7 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
     g: log decay (<= 0; -inf allowed) [batch, seq, heads, 1].
     scale: output scale.
     initial_state: optional [batch, heads, key_dim, value_dim].
-    chunk_size: C, a power of two >= 16; any seq works (zero padding at the end, which leaves the state as it
+    chunk_size: C, a power of two from 16 to 64; any seq works (zero padding at the end, which leaves the state as it
       is: beta = 0 there).
     segment_ids: optional document ids [batch, seq] (linmoe/kernels/segments.py): exact masks in every kernel
       (`delta_segments`); without them the kernels take no document index.

@@ -147,19 +147,21 @@ def _output_and_grads(out: Callable, *args):
 
 
 def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls: Sequence[str],
-              reps: int, chunk_sizes: Sequence[int] = (64,)) -> list[dict]:
+              reps: int, chunk_sizes: Sequence[int], delta_split: bool, on_row: Callable[[dict], None]) -> None:
   """Our impls (of `impls`) of `families` at each of `chunk_sizes`, and cuDNN attention if "cudnn" is in
-  `impls` (with "pallas_packed" too: attention on the packed rows, `causal_attention` with segment ids)."""
+  `impls` (with "pallas_packed" too: attention on the packed rows, `causal_attention` with segment ids).
+  With `delta_split`, the delta rule's Pallas rows again with its scans split into runs (impl "..._split").
+  Each row is printed as JSON and handed to `on_row` as it is measured."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
   from benchmarks.timing import time_ms  # noqa: PLC0415
   from linmoe import kernels  # noqa: PLC0415
+  from linmoe.kernels.pallas import delta as pallas_delta  # noqa: PLC0415
   from linmoe.layers.attention import causal_attention  # noqa: PLC0415
 
   ops = {"simple_gla": kernels.simple_gla, "gla": kernels.gla, "delta_rule": kernels.delta_rule,
          "gated_delta_rule": kernels.delta_rule}
-  rows = []
   for batch, seq in shapes:
     keys = jax.random.split(jax.random.key(batch * seq), 8)
     q, k, v, do = (jax.random.normal(key, (batch, seq, HEADS, DIM), jnp.bfloat16) for key in keys[:4])
@@ -170,17 +172,21 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
     extra["gated_delta_rule"] = extra["delta_rule"] | extra["simple_gla"]
     packed = {"segment_ids": _packed_segment_ids(batch, seq, seed=seq)}
     for op_name, chunk in ((o, c) for o in families for c in chunk_sizes):
-      for impl in (i for i in OUR_IMPLS if i in impls):
+      splits = (False, True) if delta_split and "delta" in op_name else (False,)
+      for impl, split in ((i, s) for i in OUR_IMPLS if i in impls for s in splits if i != "chunked" or not s):
         op = functools.partial(ops[op_name], chunk_size=chunk, **(packed if impl == "pallas_packed" else {}))
         op_impl = "pallas" if impl == "pallas_packed" else impl
         out = lambda *a, op=op, impl=op_impl: op(*a, impl=impl)[0]  # noqa: E731
         fwd = jax.jit(out)
         fwd_bwd = jax.jit(functools.partial(_output_and_grads, out))
         args = (q, unit_k if "delta" in op_name else k, v, *(extra[op_name][n] for n in EXTRA_INPUTS[op_name]))
-        rows.append(_row(op_name, impl, batch, seq, _both(
+        pallas_delta.SPLIT_SCANS = split  # read when the calls are traced, inside time_ms
+        row = _row(op_name, impl + "_split" * split, batch, seq, _both(
             lambda: time_ms(fwd, *args, max_batches=reps),
-            lambda: time_ms(fwd_bwd, *args, do, max_batches=reps)), chunk))
-        print(json.dumps(rows[-1]), flush=True)
+            lambda: time_ms(fwd_bwd, *args, do, max_batches=reps)), chunk)
+        pallas_delta.SPLIT_SCANS = False
+        print(json.dumps(row), flush=True)
+        on_row(row)
     if "cudnn" not in impls:
       continue
     attentions = {"cudnn": functools.partial(jax.nn.dot_product_attention, is_causal=True,
@@ -190,11 +196,11 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
     for impl, attention in attentions.items():
       fwd = jax.jit(attention)
       fwd_bwd = jax.jit(functools.partial(_output_and_grads, attention))
-      rows.append(_row("attention", impl, batch, seq, _both(
+      row = _row("attention", impl, batch, seq, _both(
           lambda: time_ms(fwd, q, k, v, max_batches=reps),
-          lambda: time_ms(fwd_bwd, q, k, v, do, max_batches=reps))))
-      print(json.dumps(rows[-1]), flush=True)
-  return rows
+          lambda: time_ms(fwd_bwd, q, k, v, do, max_batches=reps)))
+      print(json.dumps(row), flush=True)
+      on_row(row)
 
 
 def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
@@ -287,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="shapes (e.g. 1x16384) at which to time every Pallas kernel on its own")
   parser.add_argument("--chunk-sizes", type=lambda t: [int(c) for c in t.split(",")], default=[64],
                       help="chunk sizes of our impls, e.g. 64,128 (fla and attention: their own)")
+  parser.add_argument("--delta-split", action="store_true",
+                      help="time the delta rule's Pallas rows with its scans split into runs as well")
   parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -295,15 +303,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   rows = (_run_fla(args.shapes, args.families, args.warmup_ms, args.rep_ms, args.fla_timeout)
           if "fla" in args.impls else [])
-  rows += _jax_rows(args.shapes, args.families, args.impls, args.reps, args.chunk_sizes)
-  stages = [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.reps)]
   import jax  # noqa: PLC0415
 
   meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "heads": HEADS, "dim": DIM,
           "dtype": "bfloat16"}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"meta": meta, "rows": rows, "pallas_kernels": stages}, f, indent=1)
+  stages = []
+
+  def save() -> None:  # after every case, so that a run cut short keeps what it measured
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "pallas_kernels": stages}, f, indent=1)
+
+  def on_row(row: dict) -> None:
+    rows.append(row)
+    save()
+
+  _jax_rows(args.shapes, args.families, args.impls, args.reps, args.chunk_sizes, args.delta_split, on_row)
+  stages += [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.reps)]
+  save()
   print(meta)
   print(_table(rows))
   for row in stages:

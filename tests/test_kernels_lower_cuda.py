@@ -8,6 +8,7 @@ import pytest
 
 from linmoe import kernels
 from linmoe.kernels.pallas import _platform
+from linmoe.kernels.pallas import delta as pallas_delta
 
 B, H, D = 1, 2, 64
 T = 128 * 16 + 5  # chunks of 16: >= 128 chunks, so the split scan is lowered too, plus a ragged tail
@@ -32,6 +33,10 @@ def _op(family: str):
   if family == "gla":
     return lambda q, k, v, g, h0, s: kernels.gla(q, k, v, g, initial_state=h0, segment_ids=s, impl="pallas",
                                                  chunk_size=16), (B, T, H, D)
+  if family == "gated_delta_rule_4_runs":  # the delta rule's scans split into runs (not yet the default)
+    return lambda q, k, v, g, h0, s: pallas_delta.pallas_delta_rule(
+        q, k, v, jax.nn.sigmoid(g[..., 0]), g, scale=D**-0.5, initial_state=h0, segment_ids=s,
+        runs=4), (B, T, H, 1)
   gated = family == "gated_delta_rule"
   return lambda q, k, v, g, h0, s: kernels.delta_rule(q, k, v, jax.nn.sigmoid(g[..., 0]),
                                                       g[..., 0] if gated else None, initial_state=h0,
@@ -39,7 +44,7 @@ def _op(family: str):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("family", ["simple_gla", "gla", "delta_rule", "gated_delta_rule"])
+@pytest.mark.parametrize("family", ["simple_gla", "gla", "delta_rule", "gated_delta_rule", "gated_delta_rule_4_runs"])
 def test_recurrence_kernels_lower_for_cuda(monkeypatch, family, packed):
   monkeypatch.setattr(_platform, "interpret_mode", lambda: False)
   op, gate_shape = _op(family)

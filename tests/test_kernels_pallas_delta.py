@@ -55,16 +55,17 @@ def _vjp_of_impl(inputs: dict, cotangent: tuple, impl: str, chunk_size: int = CH
 _forward_and_vjp = jax.jit(_vjp_of_impl, static_argnames="impl")
 
 
-def _assert_pallas_matches_naive(inputs: dict, seed: int, forward_and_vjp=_forward_and_vjp) -> None:
+def _assert_pallas_matches_naive(inputs: dict, seed: int, forward_and_vjp=_forward_and_vjp,
+                                 impl: str = "pallas") -> None:
   """Outputs, final state and the gradients of q, k, v, beta, g and the initial state equal naive's (the pallas
-  side run by `forward_and_vjp`)."""
+  side run by `forward_and_vjp`, as `impl`)."""
   rng = np.random.default_rng(seed + 1000)
   batch, _, heads, key_dim = inputs["q"].shape
   value_dim = inputs["v"].shape[-1]
   cotangent = (jnp.asarray(rng.standard_normal(inputs["v"].shape), jnp.float32),
                jnp.asarray(rng.standard_normal((batch, heads, key_dim, value_dim)), jnp.float32))
   (o_ref, s_ref), g_ref = _forward_and_vjp(inputs, cotangent, "naive")
-  (o, s), grads = forward_and_vjp(inputs, cotangent, "pallas")
+  (o, s), grads = forward_and_vjp(inputs, cotangent, impl)
   _assert_close(o, o_ref, FP32_TOL, "o")
   _assert_close(s, s_ref, FP32_TOL, "final_state")
   for name, grad in grads.items():
@@ -104,6 +105,28 @@ def test_packed_matches_separate(gated):
   separate runs of the token loop: outputs, final state, gradients of q, k, v, beta, g and the initial state."""
   inputs = _inputs(PACKED, seed=4, with_state=True, gated=gated, seq_len=SEQ)
   assert_packed_matches_separate("delta_rule", inputs, "pallas", seed=4)
+
+
+@pytest.fixture
+def split_scans(monkeypatch) -> str:
+  """An impl name for the Pallas kernels with each scan split into 4 runs (3 chunks at SEQ_LEN: runs of one
+  chunk and an empty one); a name of its own, so that no compiled "pallas" call is reused."""
+  name = "pallas_4_runs"
+  monkeypatch.setitem(DELTA_RULE_MODULE._IMPLS, name, functools.partial(pallas_delta.pallas_delta_rule, runs=4))
+  monkeypatch.setattr(DELTA_RULE_MODULE, "_SEGMENT_IMPLS", (*DELTA_RULE_MODULE._SEGMENT_IMPLS, name))
+  return name
+
+
+def test_split_scans_match_naive(split_scans):
+  """Scans cut into runs (each run's affine map, the runs' entry states folded, every run walked again): the
+  same outputs, final state and gradients as the token loop."""
+  _assert_pallas_matches_naive(_inputs(SMALL, seed=6, with_state=True, gated=True), seed=6, impl=split_scans)
+
+
+def test_split_scans_packed_match_separate(split_scans):
+  """Split scans with documents starting inside and at the edges of the runs."""
+  inputs = _inputs(PACKED, seed=7, with_state=True, gated=True, seq_len=SEQ)
+  assert_packed_matches_separate("delta_rule", inputs, split_scans, seed=7)
 
 
 def test_hostile_gates_at_boundaries():

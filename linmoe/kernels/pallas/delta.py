@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from linmoe.kernels import chunked, common
-from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, recurrence
+from linmoe.kernels.pallas import delta_chunk, delta_output, delta_scan, recurrence, state
 
 HEAD_DIMS = (64, 128)  # Key and value dims the kernels take (and the GPU tests cover).
 MIN_CHUNK = 16  # Smallest matmul side of the Triton lowering.
@@ -35,6 +35,10 @@ BLOCK_K = 64  # Key block of the key-gradient programs.
 # Value block of the scans, whose programs run over batch * heads * value blocks: narrower blocks when few
 # (batch * head) programs would leave most of the GPU idle.
 WIDE_BLOCK_V, NARROW_BLOCK_V, FEW_PROGRAMS = 64, 32, 64
+# Whether a call that gives no `runs` splits its scans into `state.runs_for(N)` runs (from 128 chunks on). Off
+# until timed on a GPU (written in the tenth session, which had no device time left): `benchmarks/kernels.py
+# --delta-split` times both.
+SPLIT_SCANS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +48,15 @@ class _Config:
   chunk: int
   block_k: int
   block_v: int
+  runs: int
 
 
 def _scan(k: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array, h0: jax.Array, doc: jax.Array | None,
           cfg: _Config) -> tuple[jax.Array, ...]:
   """W (k's dtype), M, chunk-entry states, Delta (v's dtype) and the final state."""
   w, u, m = delta_chunk.wy_factors(k, v, beta, b, doc, chunk=cfg.chunk)
-  states, delta, final = delta_scan.forward_scan(w, u, k, b, h0, doc, chunk=cfg.chunk, block_v=cfg.block_v)
+  states, delta, final = delta_scan.forward_scan(w, u, k, b, h0, doc, chunk=cfg.chunk, block_v=cfg.block_v,
+                                                 runs=cfg.runs)
   return w, m, states, delta, final
 
 
@@ -80,7 +86,8 @@ def _delta_rule_bwd(cfg: _Config, residuals: tuple, cotangents: tuple) -> tuple[
   do, d_final = cotangents
   do = do.astype(v.dtype)
   d_states, d_delta, d_h0 = delta_scan.backward_scan(q, k, w, b, do, d_final.astype(jnp.float32), doc,
-                                                     chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v)
+                                                     chunk=cfg.chunk, scale=cfg.scale, block_v=cfg.block_v,
+                                                     runs=cfg.runs)
   dq, dk, db = delta_output.query_key_grads(q, k, delta, do, b, states, d_states, doc, scale=cfg.scale,
                                             chunk=cfg.chunk, block_k=cfg.block_k)
   dk_wy, dv, d_beta, db_wy = delta_chunk.wy_grads(k, v, beta, b, m, d_delta, states, doc, chunk=cfg.chunk)
@@ -118,7 +125,8 @@ def _block_v(batch_heads: int, value_dim: int) -> int:
 def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array, *,
                       scale: float, initial_state: jax.Array | None = None,
                       chunk_size: int = chunked.DEFAULT_CHUNK_SIZE,
-                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                      segment_ids: jax.Array | None = None,
+                      runs: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Chunked delta rule on Pallas kernels; same results as `delta_naive.naive_delta_rule`.
 
   Args:
@@ -133,12 +141,16 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
       is: beta = 0 there).
     segment_ids: optional document ids [batch, seq] (linmoe/kernels/segments.py): exact masks in every kernel
       (`delta_segments`); without them the kernels take no document index.
+    runs: runs of chunks each scan walks in parallel (a power of two; `delta_scan._split_scan`): a chain of
+      about 2 N / runs + runs dependent steps instead of N chunks, for three times the scans' matmul work.
+      None: `state.runs_for(N)` if SPLIT_SCANS, else 1 (one walk over every chunk).
 
   Returns:
     o [batch, seq, heads, value_dim] in v's dtype, final state [batch, heads, key_dim, value_dim] fp32.
 
   Raises:
-    ValueError: key_dim or value_dim not in HEAD_DIMS, or chunk_size not a power of two >= 16.
+    ValueError: key_dim or value_dim not in HEAD_DIMS, chunk_size not a power of two from 16 to 64, or runs
+      not a power of two.
   """
   batch, seq_len, heads, key_dim = q.shape
   value_dim = v.shape[-1]
@@ -146,8 +158,12 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   h0 = common.initial_state_or_zeros(initial_state, batch, heads, key_dim, value_dim)
   pad = -seq_len % chunk_size
   q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
+  if runs is None:
+    runs = state.runs_for((seq_len + pad) // chunk_size) if SPLIT_SCANS else 1
+  if runs < 1 or runs & (runs - 1):
+    raise ValueError(f"impl='pallas' of delta_rule needs runs to be a power of two, got {runs}")
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
-                block_v=_block_v(batch * heads, value_dim))
+                block_v=_block_v(batch * heads, value_dim), runs=runs)
   doc = recurrence._documents(segment_ids, chunk_size)
   b = recurrence.floored_chunk_cumsum(g, chunk_size, doc)
   o, final_state = _delta_rule(q, k, v, beta[..., None], b, h0, doc, cfg)

@@ -79,7 +79,7 @@ def _walk(ld_ref, x_ref, y_ref, b_ref, state: jax.Array, first, last, states_ref
   return _tile.over_chunks(body, state, first, last, x_ref.shape[0] // chunk, chunk, None, reverse)
 
 
-def _run_bounds(run_length: int, n_chunks: int, runs: int) -> tuple:
+def run_bounds(run_length: int, n_chunks: int, runs: int) -> tuple:
   """Run index of this program (grid axis 0 is key block * runs + run) and its scan steps [first, last), empty
   for a run past the last chunk."""
   run = pl.program_id(0) % runs
@@ -93,7 +93,7 @@ def _run_end_kernel(ld_ref, x_ref, y_ref, b_ref, end_ref, *, chunk: int, reverse
   Refs as in `_scan_kernel`; output end [BK, BV] fp32.
   """
   n_chunks = x_ref.shape[0] // chunk
-  _, first, last = _run_bounds(run_length, n_chunks, runs)
+  _, first, last = run_bounds(run_length, n_chunks, runs)
   zero = jnp.zeros(end_ref.shape, _tile.F32)
   end_ref[...] = _walk(ld_ref, x_ref, y_ref, b_ref, zero, first, last, None, chunk=chunk, reverse=reverse,
                        factor=factor, dtype=dtype)
@@ -116,7 +116,7 @@ def _scan_kernel(ld_ref, x_ref, y_ref, b_ref, s0_ref, *refs, chunk: int, reverse
   if runs == 1:
     final_ref[...] = walk(s0_ref[...], 0, n_chunks, states_ref)
     return
-  run, first, last = _run_bounds(run_length, n_chunks, runs)
+  run, first, last = run_bounds(run_length, n_chunks, runs)
   entry = lax.fori_loop(0, run, lambda r, s: decays_ref[r, :][:, None] * s + ends_ref[r], s0_ref[...])
   state = walk(entry, first, last, states_ref)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from linmoe import kernels
+from linmoe.kernels.pallas import delta as pallas_delta
 from tests.gpu.test_kernels_pallas_gpu import _check, _poison_free_memory, _upcast
 
 pytestmark = [pytest.mark.gpu,
@@ -61,14 +62,14 @@ def _forward_and_vjp(inputs: dict, cotangent: tuple, impl: str) -> tuple[tuple, 
   return outputs, grads
 
 
-def _compare_with_grads(inputs: dict, reference: str, tol: float, label: str) -> None:
-  """Outputs, final state and all gradients of pallas against `reference` run on fp32 copies of the inputs."""
+def _compare_with_grads(inputs: dict, reference: str, tol: float, label: str, impl: str = "pallas") -> None:
+  """Outputs, final state and all gradients of `impl` against `reference` run on fp32 copies of the inputs."""
   inputs = {n: x for n, x in inputs.items() if x is not None}
   cotangent = _cotangent(inputs, 7)
   with jax.default_matmul_precision("highest"):
     (o_ref, s_ref), g_ref = _forward_and_vjp(_upcast(inputs), _upcast(cotangent), reference)
     _poison_free_memory()
-    (o, s), grads = _forward_and_vjp(inputs, cotangent, "pallas")
+    (o, s), grads = _forward_and_vjp(inputs, cotangent, impl)
   assert o.dtype == inputs["v"].dtype and s.dtype == jnp.float32
   assert all(grads[n].dtype == x.dtype for n, x in inputs.items())
   _check({"o": o, "final_state": s} | grads, {"o": o_ref, "final_state": s_ref} | g_ref, tol, label)
@@ -106,6 +107,17 @@ def test_long_sequence_grads_match_chunked():
   """At 16K tokens the naive scan's saved states are too large; chunked is tested against naive elsewhere."""
   inputs = _inputs(batch=1, seq_len=16384, dtype=jnp.float32, seed=1)
   _compare_with_grads(inputs, "chunked", FP32_TOL, "float32 T=16384 vs chunked")
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_split_scans_match_chunked(monkeypatch, dtype, tol):
+  """The scans cut into 8 runs (`pallas_delta.SPLIT_SCANS` picks that at 256 chunks) at 1 x 16K, under an impl
+  name of its own so that no compiled "pallas" call is reused."""
+  delta_rule_module = importlib.import_module("linmoe.kernels.delta_rule")  # The package attribute is the op.
+  monkeypatch.setitem(delta_rule_module._IMPLS, "pallas_split",
+                      functools.partial(pallas_delta.pallas_delta_rule, runs=8))
+  inputs = _inputs(batch=1, seq_len=16384, dtype=dtype, seed=8)
+  _compare_with_grads(inputs, "chunked", tol, f"{jnp.dtype(dtype).name} T=16384 split vs chunked", "pallas_split")
 
 
 @pytest.mark.parametrize("batch,seq_len", [(2, 65536), (32, 2048)])

@@ -12,7 +12,7 @@ flash-linear-attention runs in a PyTorch subprocess, started before JAX takes th
 asked, attention on the packed rows too (`causal_attention` with segment ids: JAX's Pallas flash kernel).
 
   python3 -m benchmarks.kernels --out results.json [--shapes 8x2048,1x65536] [--impls pallas,fla] [--reps 9]
-      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384] [--chunk-sizes 64,128]
+      [--families delta_rule,gated_delta_rule] [--breakdown 1x16384] [--chunk-sizes 64,128] [--delta-split]
 """
 
 import argparse
@@ -204,7 +204,8 @@ def _jax_rows(shapes: Sequence[tuple[int, int]], families: Sequence[str], impls:
 
 
 def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
-  """Median ms of each Pallas kernel of both families' forward and backward, on its own (bf16, C 64, c 16).
+  """Median ms of each Pallas kernel of simple_gla's and gla's forward and backward, on its own (bf16, C 64,
+  c 16).
 
   The chunk scan also runs with other value blocks and pipelining depths, and as one walk (runs=1), and gla's
   intra-chunk kernels with 4 and 8 warps, to show where their time goes.
@@ -212,7 +213,6 @@ def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from benchmarks.timing import time_ms  # noqa: PLC0415
   from linmoe.kernels.pallas import grads, intra, output, state  # noqa: PLC0415
 
   chunk, sub, block, scale = 64, 16, 64, DIM**-0.5
@@ -258,12 +258,62 @@ def _breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
         stages[f"intra_grads warps{warps}"] = (
             functools.partial(intra.intra_grads, chunk=chunk, sub=sub, num_warps=warps),
             (q, k, b, d_scores, dq, dk, db))
-    for name, (fn, args) in stages.items():
-      timed = _timed(lambda fn=fn, args=args: time_ms(jax.jit(fn), *args, max_batches=reps))
-      rows.append({"op": op_name, "kernel": name, "batch": batch, "seq": seq,
-                   "ms": timed.get("ms", float("nan")), "error": timed.get("error")})
-      print(json.dumps(rows[-1]), flush=True)
+    rows += _time_stages(op_name, batch, seq, stages, reps)
   return rows
+
+
+def _time_stages(op_name: str, batch: int, seq: int, stages: dict, reps: int) -> list[dict]:
+  """One row per stage {name: (fn, args)}: the median ms of jit(fn)(*args) alone (or the error)."""
+  import jax  # noqa: PLC0415
+
+  from benchmarks.timing import time_ms  # noqa: PLC0415
+
+  rows = []
+  for name, (fn, args) in stages.items():
+    timed = _timed(lambda fn=fn, args=args: time_ms(jax.jit(fn), *args, max_batches=reps))
+    rows.append({"op": op_name, "kernel": name, "batch": batch, "seq": seq,
+                 "ms": timed.get("ms", float("nan")), "error": timed.get("error")})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def _delta_breakdown_rows(batch: int, seq: int, reps: int) -> list[dict]:
+  """Median ms of each Pallas kernel of the gated delta rule, forward and backward, on its own (bf16, C 64);
+  the two scans also split into `state.runs_for(N)` runs (`pallas.delta.SPLIT_SCANS`)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from linmoe.kernels.pallas import delta, delta_chunk, delta_output, delta_scan, state  # noqa: PLC0415
+
+  chunk, scale = 64, DIM**-0.5
+  keys = jax.random.split(jax.random.key(seq), 6)
+  q, k, v, do = (jax.random.normal(key, (batch, seq, HEADS, DIM), jnp.bfloat16) for key in keys[:4])
+  k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, seq, HEADS, 1), jnp.bfloat16))
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[5], (batch, seq // chunk, chunk, HEADS, 1)))
+  b = jnp.cumsum(g, axis=2).reshape(batch, seq, HEADS, 1)
+  h0 = jnp.zeros((batch, HEADS, DIM, DIM), jnp.float32)
+  block_v, runs = delta._block_v(batch * HEADS, DIM), state.runs_for(seq // chunk)
+  wy = functools.partial(delta_chunk.wy_factors, doc=None, chunk=chunk)
+  forward = functools.partial(delta_scan.forward_scan, doc=None, chunk=chunk, block_v=block_v)
+  backward = functools.partial(delta_scan.backward_scan, doc=None, chunk=chunk, scale=scale, block_v=block_v)
+  w, u, m = jax.jit(wy)(k, v, beta, b)
+  states, values, _ = jax.jit(forward)(w, u, k, b, h0)
+  d_states, d_values, _ = jax.jit(backward)(q, k, w, b, do, h0)
+  stages = {
+      "wy_factors": (wy, (k, v, beta, b)),
+      "forward_scan": (forward, (w, u, k, b, h0)),
+      f"forward_scan runs{runs}": (functools.partial(forward, runs=runs), (w, u, k, b, h0)),
+      "chunk_outputs": (functools.partial(delta_output.chunk_outputs, doc=None, scale=scale, chunk=chunk,
+                                          block_v=block_v), (q, k, values, b, states)),
+      "backward_scan": (backward, (q, k, w, b, do, h0)),
+      f"backward_scan runs{runs}": (functools.partial(backward, runs=runs), (q, k, w, b, do, h0)),
+      "query_key_grads": (functools.partial(delta_output.query_key_grads, doc=None, scale=scale, chunk=chunk,
+                                            block_k=min(delta.BLOCK_K, DIM)), (q, k, values, do, b, states, d_states)),
+      "wy_grads": (functools.partial(delta_chunk.wy_grads, doc=None, chunk=chunk),
+                   (k, v, beta, b, m, d_values, states)),
+  }
+  return _time_stages("delta_rule", batch, seq, stages, reps)
 
 
 def _table(rows: Sequence[dict]) -> str:
@@ -319,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     save()
 
   _jax_rows(args.shapes, args.families, args.impls, args.reps, args.chunk_sizes, args.delta_split, on_row)
-  stages += [row for b, t in args.breakdown for row in _breakdown_rows(b, t, args.reps)]
+  for b, t in args.breakdown:
+    if {"simple_gla", "gla"} & set(args.families):
+      stages += _breakdown_rows(b, t, args.reps)
+    if {"delta_rule", "gated_delta_rule"} & set(args.families):
+      stages += _delta_breakdown_rows(b, t, args.reps)
   save()
   print(meta)
   print(_table(rows))

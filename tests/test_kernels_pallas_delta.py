@@ -145,6 +145,14 @@ def test_unsupported_sizes_raise(dims, chunk_size, match):
     kernels.delta_rule(**inputs, impl="pallas", chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("runs", [0, 3])
+def test_runs_not_a_power_of_two_raise(runs):
+  inputs = _inputs(SMALL, seed=0, with_state=False, gated=True)
+  inputs["g"] = inputs["g"][..., None]
+  with pytest.raises(ValueError, match="runs"):
+    pallas_delta.pallas_delta_rule(**inputs, scale=1.0, chunk_size=CHUNK, runs=runs)
+
+
 def test_auto_is_chunked_off_gpu():
   inputs = _inputs(SMALL, seed=0, with_state=False, gated=True)
   assert DELTA_RULE_MODULE.auto_impl(inputs["q"], inputs["v"], CHUNK) == "chunked"

@@ -160,8 +160,7 @@ def pallas_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   q, k, v, beta, g = (recurrence._pad_seq(x, pad) for x in (q, k, v, beta, g))
   if runs is None:
     runs = state.runs_for((seq_len + pad) // chunk_size) if SPLIT_SCANS else 1
-  if runs < 1 or runs & (runs - 1):
-    raise ValueError(f"impl='pallas' of delta_rule needs runs to be a power of two, got {runs}")
+  state.check_runs(runs, "impl='pallas' of delta_rule")
   cfg = _Config(scale=float(scale), chunk=chunk_size, block_k=min(BLOCK_K, key_dim),
                 block_v=_block_v(batch * heads, value_dim), runs=runs)
   doc = recurrence._documents(segment_ids, chunk_size)

@@ -77,11 +77,16 @@ def _backward_step(c: _Chunk, d_state: jax.Array, docs, q_ref, k_ref, w_ref, do:
                    - _tile.dot(w_ref[c.rows, :], d_delta, dtype, trans_a=True))
 
 
-def _walk_run(body, entry: jax.Array, final_ref, n_chunks: int, chunk: int, doc_ref, *, reverse: bool,
-              runs: int, run_length: int) -> None:
-  """Walks this program's run of scan steps from its entry state; the last run writes the final state."""
+def _walk_run(body, entry: jax.Array, n_chunks: int, chunk: int, doc_ref, *, reverse: bool, runs: int,
+              run_length: int) -> tuple[jax.Array, jax.Array]:
+  """(This program's run index, the state after walking its run of scan steps from `entry`)."""
   run, first, last = run_bounds(run_length, n_chunks, runs)
-  final = _tile.over_chunks(body, entry, first, last, n_chunks, chunk, doc_ref, reverse)
+  return run, _tile.over_chunks(body, entry, first, last, n_chunks, chunk, doc_ref, reverse)
+
+
+def _write_final(final_ref, walked: tuple[jax.Array, jax.Array], runs: int) -> None:
+  """The last run's state after its walk is the scan's final state."""
+  run, final = walked
 
   @pl.when(run == runs - 1)
   def _():
@@ -111,8 +116,8 @@ def _forward_kernel(w_ref, u_ref, k_ref, b_ref, s0_ref, *refs, chunk: int, dtype
     delta_ref[c.rows, :] = delta.astype(delta_ref.dtype)
     return state
 
-  _walk_run(body, s0_ref[...], final_ref, states_ref.shape[0], chunk, doc_ref, reverse=False, runs=runs,
-            run_length=run_length)
+  _write_final(final_ref, _walk_run(body, s0_ref[...], states_ref.shape[0], chunk, doc_ref, reverse=False,
+                                    runs=runs, run_length=run_length), runs)
 
 
 def _forward_map_kernel(w_ref, u_ref, k_ref, b_ref, *refs, chunk: int, dtype: jnp.dtype, segmented: bool,
@@ -126,8 +131,8 @@ def _forward_map_kernel(w_ref, u_ref, k_ref, b_ref, *refs, chunk: int, dtype: jn
     c = _chunk(n, chunk, b_ref, docs)
     return _forward_step(c, state, w_ref, jnp.where(has_values, u_ref[c.rows, :], 0), k_ref, dtype)[1]
 
-  _, first, last = run_bounds(run_length, b_ref.shape[0] // chunk, runs)
-  map_ref[...] = _tile.over_chunks(body, start, first, last, b_ref.shape[0] // chunk, chunk, doc_ref, False)
+  map_ref[...] = _walk_run(body, start, b_ref.shape[0] // chunk, chunk, doc_ref, reverse=False, runs=runs,
+                           run_length=run_length)[1]
 
 
 def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, ds_ref, *refs, chunk: int, scale: float,
@@ -145,8 +150,8 @@ def _backward_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, ds_ref, *refs, chunk: i
     d_delta_ref[c.rows, :] = d_delta
     return d_state
 
-  _walk_run(body, ds_ref[...], d_s0_ref, d_states_ref.shape[0], chunk, doc_ref, reverse=True, runs=runs,
-            run_length=run_length)
+  _write_final(d_s0_ref, _walk_run(body, ds_ref[...], d_states_ref.shape[0], chunk, doc_ref, reverse=True,
+                                   runs=runs, run_length=run_length), runs)
 
 
 def _backward_map_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, *refs, chunk: int, scale: float, dtype: jnp.dtype,
@@ -160,8 +165,8 @@ def _backward_map_kernel(q_ref, k_ref, w_ref, b_ref, do_ref, *refs, chunk: int, 
     do = jnp.where(has_values, do_ref[c.rows, :], 0)
     return _backward_step(c, d_state, docs, q_ref, k_ref, w_ref, do, scale=scale, dtype=dtype)[1]
 
-  _, first, last = run_bounds(run_length, b_ref.shape[0] // chunk, runs)
-  map_ref[...] = _tile.over_chunks(body, start, first, last, b_ref.shape[0] // chunk, chunk, doc_ref, True)
+  map_ref[...] = _walk_run(body, start, b_ref.shape[0] // chunk, chunk, doc_ref, reverse=True, runs=runs,
+                           run_length=run_length)[1]
 
 
 def _fold_kernel(map_ref, ends_ref, s0_ref, entries_ref, *, dtype: jnp.dtype) -> None:
@@ -206,9 +211,11 @@ def _split_scan(kernel, map_kernel, name: str, token_args: tuple, token_specs: l
   """One scan over the chunks cut into `runs` runs: with runs > 1, (1) each run's affine map [P_r | E_r] from
   `map_kernel`, all runs and the K + V columns of [I | 0] in parallel; (2) the runs' entry states folded in
   order (`_fold_kernel`); (3) `kernel` walks every run from its entry state, all runs in parallel. The chain
-  of dependent steps is 2 L + runs for L chunks a run (instead of N), for three times the matmul work."""
+  of dependent steps is 2 L + runs for L chunks a run (instead of N), for three times the matmul work.
+  `settings`: the kernels' static keywords but runs and the run length, which are added here."""
   batch, seq, heads, key_dim = token_args[0].shape
   value_dim = initial.shape[-1]
+  settings = {**settings, "runs": runs, "run_length": -(-seq // settings["chunk"] // runs)}
   dtype, n_stages = settings["dtype"], NUM_STAGES[settings["dtype"].itemsize]
   doc_specs = [spec["doc"]] * (doc is not None)
   entry_spec = spec["state"]
@@ -256,8 +263,7 @@ def forward_scan(w: jax.Array, u: jax.Array, k: jax.Array, b: jax.Array, initial
   batch, seq, heads, key_dim = k.shape
   n_chunks = seq // chunk
   spec = _specs(heads, seq, n_chunks, key_dim, block_v, runs)
-  settings = {"chunk": chunk, "dtype": u.dtype, "segmented": doc is not None, "runs": runs,
-              "run_length": -(-n_chunks // runs)}
+  settings = {"chunk": chunk, "dtype": u.dtype, "segmented": doc is not None}
   states, delta, final = _split_scan(
       _forward_kernel, _forward_map_kernel, "linmoe_delta_scan", (w, u, k, b),
       [spec["keys"], spec["values"], spec["keys"], spec["decay"]],
@@ -292,8 +298,7 @@ def backward_scan(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array, do: ja
   batch, seq, heads, key_dim = k.shape
   n_chunks = seq // chunk
   spec = _specs(heads, seq, n_chunks, key_dim, block_v, runs)
-  settings = {"chunk": chunk, "scale": scale, "dtype": do.dtype, "segmented": doc is not None, "runs": runs,
-              "run_length": -(-n_chunks // runs)}
+  settings = {"chunk": chunk, "scale": scale, "dtype": do.dtype, "segmented": doc is not None}
   keys = [spec["keys"]] * 3
   d_states, d_delta, d_initial = _split_scan(
       _backward_kernel, _backward_map_kernel, "linmoe_delta_scan_bwd", (q, k, w, b, do),

@@ -45,6 +45,12 @@ SCAN_NUM_STAGES = {"scalar": 3, "vector": 2}
 SPLIT_MIN_CHUNKS = 128
 
 
+def check_runs(runs: int, who: str) -> None:
+  """Raises ValueError, naming `who` and the value, unless runs is a power of two (1 included)."""
+  if runs < 1 or runs & (runs - 1):
+    raise ValueError(f"{who} needs runs to be a power of two, got {runs}")
+
+
 def runs_for(n_chunks: int) -> int:
   """Runs of the split scan: the largest power of two <= sqrt(N / 2), which about balances the 2 L steps of
   the two passes against the runs folded in; 1 (one walk over every chunk) below SPLIT_MIN_CHUNKS chunks."""
@@ -189,8 +195,7 @@ def chunk_scan(x: jax.Array, y: jax.Array, b: jax.Array, initial: jax.Array, *, 
   n_chunks = seq // chunk
   vector_decay = decay_dim > 1
   runs = runs_for(n_chunks) if runs is None else runs
-  if runs < 1 or runs & (runs - 1):
-    raise ValueError(f"chunk_scan needs runs to be a power of two, got {runs}")
+  check_runs(runs, "chunk_scan")
   if num_stages is None:
     num_stages = SCAN_NUM_STAGES["vector" if vector_decay else "scalar"]
   n_key_blocks, run_length = key_dim // block_k, -(-n_chunks // runs)
